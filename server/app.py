@@ -1,0 +1,112 @@
+"""The FastAPI app factory and its lifespan.
+
+The model loads in a background thread after the socket is open, so `/health`
+answers at once and `/ready` turns 200 only when the model (and any start-up
+quantisation) is ready — what Kubernetes probes and load balancers expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from quantizers.loading import LoadedModel, load_model
+from server.auth import require_api_key
+from server.engine import Engine
+from server.errors import APIError, install_error_handlers
+from server.limits import BodySizeLimit
+from server.routes import chat, completions, health, models
+from server.settings import Settings
+
+log = logging.getLogger("quantserve")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_served_model(settings: Settings) -> LoadedModel:
+    """The model the server starts with, in the serving dtype and device."""
+    return load_model(settings.model, dtype=settings.dtype,
+                      device=resolve_device(settings.device), model_id=settings.model_id)
+
+
+def _start_engine(app: FastAPI, settings: Settings) -> None:
+    """Runs in a thread: load, warm up, then publish the engine (ready)."""
+    started = time.perf_counter()
+    try:
+        loaded = load_served_model(settings)
+        engine = Engine(loaded, max_batch=settings.max_batch,
+                        max_batch_tokens=settings.max_batch_tokens,
+                        max_queue=settings.max_queue, num_threads=settings.num_threads)
+        warmup = engine.start()
+    except Exception as exc:
+        app.state.fatal_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error("start-up failed: %s", app.state.fatal_error)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    app.state.engine = engine
+    log.info("model %s (%s, %s) ready in %.1fs (warm-up %.1fs)", loaded.model_id,
+             loaded.variant, str(loaded.dtype).removeprefix("torch."),
+             time.perf_counter() - started, warmup)
+
+
+async def require_engine(request: Request) -> None:
+    """/v1 answers 503 until the model is loaded, and while draining."""
+    if getattr(request.app.state, "engine", None) is None:
+        raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                       headers={"Retry-After": "5"})
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=_start_engine, args=(app, settings),
+                                  name="quantserve-loader", daemon=True)
+        loader.start()
+        yield
+        app.state.draining = True
+        engine: Engine | None = app.state.engine
+        if engine is not None:
+            engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="quantserve",
+        version="0.1.0",
+        summary="OpenAI-compatible serving of LLMs quantised on demand.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.draining = False
+    app.state.fatal_error = None
+    app.state.started_at = int(time.time())
+    app.state.observe_finish = lambda endpoint, finish: None
+    app.state.observe_disconnect = lambda: None
+
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.include_router(health.router)
+    v1 = [Depends(require_api_key), Depends(require_engine)]
+    for router in (completions.router, chat.router, models.router):
+        app.include_router(router, prefix="/v1", dependencies=v1)
+    return app
+

@@ -1,0 +1,112 @@
+"""The `quantserve` command.
+
+`serve` starts the HTTP server. Every flag has a `QUANTSERVE_*` environment
+variable twin; a flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI-compatible API",
+        description="Serve a model over an OpenAI-compatible API. Each flag can also be set "
+        "with the environment variable named in brackets; tokens (QUANTSERVE_ADMIN_TOKEN, "
+        "QUANTSERVE_API_KEY) are read from the environment only, never from the command line.",
+    )
+    flags: list[tuple[str, dict[str, Any]]] = [
+        ("--model", {"help": "local .gguf file or Hugging Face directory; default: the "
+                             "embedded SmolLM2-135M-Instruct [QUANTSERVE_MODEL]"}),
+        ("--model-id", {"help": "id clients send as `model` (default: derived from the "
+                                "file name) [QUANTSERVE_MODEL_ID]"}),
+        ("--host", {"help": "address to bind (default 127.0.0.1) [QUANTSERVE_HOST]"}),
+        ("--port", {"type": int, "help": "port (default 8000) [QUANTSERVE_PORT]"}),
+        ("--quantize", {"help": "quantisation method applied at start-up, e.g. int8, int4 "
+                                "[QUANTSERVE_QUANTIZE]"}),
+        ("--quantize-config", {"help": "JSON config of that method, e.g. "
+                                       "'{\"group_size\": 64}' [QUANTSERVE_QUANTIZE_CONFIG]"}),
+        ("--dtype", {"help": "compute dtype of the float model: bfloat16 (default) or float32 "
+                             "[QUANTSERVE_DTYPE]"}),
+        ("--device", {"help": "auto (default), cpu or cuda [QUANTSERVE_DEVICE]"}),
+        ("--cache-dir", {"help": "artifact cache directory [QUANTSERVE_CACHE_DIR]"}),
+        ("--max-batch", {"type": int, "help": "sequences decoded together (default 8) "
+                                              "[QUANTSERVE_MAX_BATCH]"}),
+        ("--max-batch-tokens", {"type": int, "help": "token budget of one batch (default 4096) "
+                                                     "[QUANTSERVE_MAX_BATCH_TOKENS]"}),
+        ("--max-queue", {"type": int, "help": "waiting requests before 429 (default 64) "
+                                              "[QUANTSERVE_MAX_QUEUE]"}),
+        ("--log-level", {"help": "debug, info (default), warning [QUANTSERVE_LOG_LEVEL]"}),
+    ]
+    for flag, options in flags:
+        p.add_argument(flag, default=None, **options)
+    p.set_defaults(handler=_serve)
+
+
+def settings_from_args(args: argparse.Namespace, names: Sequence[str]) -> Any:
+    """Settings from the environment, overridden by the flags that were given."""
+    from server.settings import Settings
+
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return Settings(**overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from quantizers.loading import ModelLoadError, resolve_model_path
+    from server.app import create_app
+
+    try:
+        names = [a for a in vars(args) if a not in ("handler", "command")]
+        settings = settings_from_args(args, names)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"quantserve: invalid setting {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    try:
+        resolve_model_path(settings.model)
+    except ModelLoadError as exc:
+        print(f"quantserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    uvicorn.Server(config).run()
+    if app.state.fatal_error:
+        print(f"quantserve: {app.state.fatal_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantserve",
+        description="Serve quantised LLMs on demand over an OpenAI-compatible API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""`GET /v1/models`: the served model and the variant it is running as."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from quantizers.loading import LoadedModel
+from server.routes.responding import ERROR_RESPONSES
+from server.schemas.openai import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def model_card(loaded: LoadedModel, created: int) -> ModelCard:
+    return ModelCard(
+        id=loaded.model_id,
+        created=created,
+        variant=loaded.variant,
+        quantization=loaded.quantization,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        parameters=loaded.param_count,
+        weight_bytes=loaded.weight_bytes,
+        context_length=loaded.context_length,
+        quality=loaded.metadata.get("quality"),
+    )
+
+
+@router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES,
+            summary="List the served model")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(request.app.state.engine.loaded,
+                                      request.app.state.started_at)])

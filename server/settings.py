@@ -1,0 +1,90 @@
+"""Server settings, read from `QUANTSERVE_*` environment variables.
+
+Every CLI flag of `quantserve serve` maps onto a field here, so a container is
+configured through the environment alone and the CLI only overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_cache_dir
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path:
+    """The shared data folder beside the checkout (`../shared/data`)."""
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Defaults suit a laptop or a 2-core CI box."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTSERVE_", extra="ignore")
+
+    model: str | None = Field(
+        default=None,
+        description="Local GGUF file or Hugging Face directory; empty = the embedded SmolLM2.",
+    )
+    model_id: str | None = Field(default=None, description="Id served in `model` fields.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    dtype: str = Field(
+        default="bfloat16",
+        description="Compute dtype of the float model. bf16 is the fast path on CPU too.",
+    )
+    device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`.")
+    num_threads: int | None = Field(default=None, ge=1)
+
+    quantize: str | None = Field(default=None, description="Method to quantise with at start-up.")
+    quantize_config: dict[str, Any] = Field(default_factory=dict)
+
+    admin_token: SecretStr | None = None
+    api_key: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(user_cache_dir("quantserve")) / "artifacts"
+    )
+    cache_max_bytes: int | None = Field(default=None, ge=0)
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    max_batch: int = Field(default=8, ge=1)
+    max_batch_tokens: int = Field(default=4096, ge=16)
+    max_queue: int = Field(default=64, ge=0)
+    max_completion_tokens: int = Field(
+        default=2048, ge=1, description="Upper bound on max_tokens for any request."
+    )
+    max_n: int = Field(default=8, ge=1)
+    max_stop: int = Field(default=4, ge=0)
+    max_prompts: int = Field(default=32, ge=1, description="Prompts in one /v1/completions call.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("quantize_config", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        """Accept the config as a JSON string, as the env var and the CLI give it."""
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"quantize_config is not valid JSON: {exc.msg}") from exc
+        if not isinstance(value, dict):
+            raise ValueError("quantize_config must be a JSON object")
+        return value
+
+    @field_validator("quantize", "model", "model_id", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
