@@ -1,0 +1,54 @@
+"""`int4`: group-wise weight-only round-to-nearest, asymmetric 4-bit.
+
+Smaller groups track local weight ranges better (g32 is near-lossless on
+SmolLM2, whose GGUF source is itself Q4_1 with groups of 32) at the cost of
+more scale/zero bytes; g128 is the common compact default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantizers.errors import ConfigError
+from quantizers.registry import (
+    LayerTarget,
+    MethodConfig,
+    QuantContext,
+    check_choice,
+    register_method,
+)
+from quantizers.runtime.int4 import GROUP_SIZES, Int4WeightOnlyLinear
+
+
+@dataclass(frozen=True)
+class Int4Config(MethodConfig):
+    """group_size: input channels sharing one scale/zero (32, 64 or 128).
+
+    pad: zero-pad layers whose input size the group size does not divide; with
+    pad=False such a layer is a ConfigError naming group_size.
+    """
+
+    group_size: int = 128
+    pad: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self.group_size, GROUP_SIZES, "group_size")
+        check_choice(self.pad, (True, False), "pad")
+
+
+@register_method("int4", Int4Config)
+def apply_int4(model: nn.Module, config: Int4Config, ctx: QuantContext) -> None:
+    def build(target: LayerTarget) -> nn.Module:
+        group_size = target.config.group_size
+        if not target.config.pad and target.module.in_features % group_size:
+            raise ConfigError(
+                f"group_size {group_size} does not divide in_features "
+                f"{target.module.in_features} and pad is false",
+                "group_size",
+            )
+        return Int4WeightOnlyLinear.from_float(target.module, group_size)
+
+    ctx.quantize_layers(build)

@@ -1,0 +1,13 @@
+"""Runtime nn.Modules whose forward runs a real low-bit kernel."""
+
+from quantizers.runtime.base import COMPUTE_DTYPE, RUNTIME_KINDS, QuantizedLinear
+from quantizers.runtime.int4 import Int4WeightOnlyLinear
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
+
+__all__ = [
+    "COMPUTE_DTYPE",
+    "RUNTIME_KINDS",
+    "Int4WeightOnlyLinear",
+    "Int8WeightOnlyLinear",
+    "QuantizedLinear",
+]

@@ -1,0 +1,67 @@
+"""Shared base of the runtime modules that replace nn.Linear in a quantised model.
+
+Each subclass registers itself by class name so that serialization.py can
+rebuild any of them from an artifact: `describe()` gives the JSON-able
+constructor metadata stored in the plan, `from_state()` rebuilds the module
+from that metadata and its own tensors without any float weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor, nn
+
+# Quantised models compute in bfloat16: torch's CPU int8/int4 kernels take a
+# slow generic path for float32 activations (30-200x slower at prefill sizes).
+COMPUTE_DTYPE = torch.bfloat16
+
+RUNTIME_KINDS: dict[str, type[QuantizedLinear]] = {}
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in nn.Linear replacement holding low-bit weights as buffers."""
+
+    bits: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        RUNTIME_KINDS[cls.__name__] = cls
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().to(COMPUTE_DTYPE).clone()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able constructor metadata, stored in artifact plans and reports."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
+        """Rebuild from describe() output and this module's state tensors."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
+
+    def _finish(self, out: Tensor, lead: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Add the bias and restore the caller's leading dims and dtype."""
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features).to(dtype)
+
+
+def as_matrix(x: Tensor, k: int) -> tuple[Tensor, tuple[int, ...]]:
+    """[..., K] activations -> contiguous [M, K] in the compute dtype, plus leading dims."""
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, k).to(COMPUTE_DTYPE).contiguous(), lead
