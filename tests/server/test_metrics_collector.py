@@ -1,0 +1,96 @@
+"""Scrape-time gauges follow the engine snapshot, the active model and the artifact store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from server.engine.types import EngineStats
+from server.observability import install_observability
+from tests.server.metrics_helpers import SnapshotEngine, samples, tiny_loaded_model, value
+
+QUALITY = {"perplexity": 21.5, "base_perplexity": 20.0, "ratio": 1.075, "kl": 0.031, "top1": 0.93}
+
+
+@pytest.fixture()
+def app() -> FastAPI:
+    app = FastAPI()
+    install_observability(app)
+    return app
+
+
+@pytest.fixture()
+def scrape(app: FastAPI) -> Callable[[], dict]:
+    client = TestClient(app)
+    return lambda: samples(client.get("/metrics").text)
+
+
+def test_engine_snapshot_and_model_facts(app: FastAPI, scrape) -> None:
+    loaded = tiny_loaded_model("tiny-a", quality=QUALITY)
+    app.state.engine = SnapshotEngine(
+        loaded, EngineStats(running=3, waiting=5, kv_cache_bytes=4096, max_batch=8))
+    parsed = scrape()
+    labels = {"model": "tiny-a", "quantization": "float"}
+    assert value(parsed, "quantserve_requests_running", **labels) == 3
+    assert value(parsed, "quantserve_requests_waiting", **labels) == 5
+    assert value(parsed, "quantserve_kv_cache_bytes", **labels) == 4096
+    assert value(parsed, "quantserve_max_batch", **labels) == 8
+    assert value(parsed, "quantserve_model_weight_bytes", **labels) == loaded.weight_bytes
+    assert value(parsed, "quantserve_model_parameters", **labels) == loaded.param_count
+    assert value(parsed, "quantserve_model_bits_per_weight", **labels) == 32.0
+    assert value(parsed, "quantserve_model_info", dtype="float32", device="cpu", **labels) == 1
+    assert value(parsed, "quantserve_quality_perplexity", **labels) == 21.5
+    assert value(parsed, "quantserve_quality_perplexity_ratio", **labels) == 1.075
+    assert value(parsed, "quantserve_quality_kl_divergence", **labels) == 0.031
+    assert value(parsed, "quantserve_quality_top1_agreement", **labels) == 0.93
+
+
+def test_memory_breakdown_adds_up_to_rss(app: FastAPI, scrape) -> None:
+    loaded = tiny_loaded_model("tiny-mem")
+    app.state.engine = SnapshotEngine(
+        loaded, EngineStats(running=1, waiting=0, kv_cache_bytes=1000, max_batch=8))
+    parsed = scrape()
+    parts = {c: value(parsed, "quantserve_memory_breakdown_bytes", component=c, device="cpu")
+             for c in ("weights", "kv_cache", "other")}
+    assert parts["weights"] == loaded.weight_bytes
+    assert parts["kv_cache"] == 1000
+    rss = value(parsed, "process_resident_memory_bytes")
+    # RSS moves between the collector's read and the process collector's read; a page or two.
+    assert sum(parts.values()) == pytest.approx(rss, rel=0.02)
+    assert value(parsed, "quantserve_process_peak_resident_memory_bytes") >= rss * 0.98
+
+
+def test_swapped_model_changes_labels_and_facts(app: FastAPI, scrape) -> None:
+    engine = SnapshotEngine(tiny_loaded_model("tiny-before"))
+    app.state.engine = engine
+    scrape()
+    quantized = tiny_loaded_model("tiny-after")
+    quantized.quantization = {"method": "int4", "bits_per_weight": 4.5}
+    engine.loaded = quantized
+    parsed = scrape()
+    assert value(parsed, "quantserve_model_bits_per_weight",
+                 model="tiny-after", quantization="int4") == 4.5
+    assert ("quantserve_model_weight_bytes",
+            frozenset({"model": "tiny-before", "quantization": "float"}.items())) not in parsed
+    # No quality report on this model: the gauges exist but carry no sample.
+    assert not any(name.startswith("quantserve_quality_") for name, _ in parsed)
+
+
+def test_cache_counters_come_from_the_artifact_store(app: FastAPI, scrape) -> None:
+    app.state.artifact_store = SimpleNamespace(hits=4, misses=2, evictions=1, corrupt=0)
+    parsed = scrape()
+    assert value(parsed, "quantserve_artifact_cache_hits_total") == 4
+    assert value(parsed, "quantserve_artifact_cache_misses_total") == 2
+    assert value(parsed, "quantserve_artifact_cache_evictions_total") == 1
+    assert ("quantserve_artifact_cache_corrupt_total", frozenset()) in parsed
+
+
+def test_scrape_without_engine_still_lists_every_family(scrape) -> None:
+    """During start-up there is no engine yet; /metrics must still answer."""
+    names = {name for name, _ in scrape()}
+    assert "process_resident_memory_bytes" in names
+    assert "quantserve_artifact_cache_hits_total" in names
