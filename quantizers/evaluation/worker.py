@@ -1,0 +1,153 @@
+"""Measure one model variant, alone in its own process.
+
+`python -m quantizers.evaluation.worker SPEC.json RESULT.json` loads the float
+snapshot, builds the variant (float32, a bf16 cast, or `quantizers.quantize`
+with a method), and records, in this order:
+
+1. quantisation time and the RSS peak above the loaded float model while
+   quantising (the library promises about one float layer plus the result);
+2. decode tokens/s at batch 1 and the serving peak RSS (decode plus one
+   evaluation window's forward), measured before anything else is loaded;
+3. perplexity, KL and top-1 against the float model, which is loaded again
+   only now so it cannot inflate the peak of step 2;
+4. weight bytes and bits per weight.
+
+A QuantizationError is recorded as the variant's error instead of a crash, so
+one method that cannot run here does not sink the whole table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantizers.evaluation.divergence import compare
+from quantizers.evaluation.memory import (
+    current_rss_bytes,
+    peak_rss_bytes,
+    release_free_memory,
+    reset_peak_rss,
+)
+from quantizers.evaluation.perplexity import split_windows, window_logits
+from quantizers.evaluation.size import linear_weight_counts, size_report
+from quantizers.evaluation.speed import decode_speed
+from quantizers.evaluation.variants import BF16, FLOAT32
+from quantizers.evaluation.wikitext import wikitext_tokens
+from quantizers.loading import load_model
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, passed as JSON so the process starts clean."""
+
+    snapshot: str
+    method: str
+    config: dict[str, Any] | None
+    limit_tokens: int | None
+    window: int
+    calibration: dict[str, Any]
+    decode_tokens: int = 64
+    decode_prompt_tokens: int = 32
+    decode_repeats: int = 3
+    threads: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def _difference(high: int | None, low: int | None) -> int | None:
+    return None if high is None or low is None else high - low
+
+
+def _quantize(lm: Any, spec: WorkerSpec) -> dict[str, Any] | None:
+    """Turn the loaded float model into the variant; returns the QuantReport dict."""
+    if spec.method == FLOAT32:
+        return None
+    if spec.method == BF16:
+        lm.model.to(torch.bfloat16)
+        return None
+    from quantizers import quantize
+    from quantizers.calibration import CalibrationConfig, calibration_batches
+
+    batches = calibration_batches(lm.tokenizer, CalibrationConfig(**spec.calibration))
+    return quantize(lm.model, spec.method, spec.config, calibration=batches).to_dict()
+
+
+def measure(spec: WorkerSpec) -> dict[str, Any]:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    lm = load_model(spec.snapshot, dtype=torch.float32)
+    linear_counts = linear_weight_counts(lm.model)
+    params = lm.param_count
+    ids = wikitext_tokens(lm.tokenizer, spec.limit_tokens)
+    first_window = split_windows(ids, spec.window)[0]
+    prompt = ids[: spec.decode_prompt_tokens].unsqueeze(0)
+
+    release_free_memory()
+    float_rss = current_rss_bytes()
+    peak_supported = reset_peak_rss()
+    start = time.perf_counter()
+    report = _quantize(lm, spec)
+    quant_seconds = time.perf_counter() - start
+    quant_peak = peak_rss_bytes() if peak_supported else None
+
+    release_free_memory()
+    reset_peak_rss()
+    speed = decode_speed(lm.model, prompt, spec.decode_tokens, spec.decode_repeats)
+    window_logits(lm.model, first_window)
+    serving_peak = peak_rss_bytes() if peak_supported else None
+
+    base = lm if spec.method == FLOAT32 else load_model(spec.snapshot, dtype=torch.float32)
+    quality = compare(base.model, lm.model, ids, spec.window)
+    size = size_report(lm.model, linear_counts, params)
+    return {
+        "method": spec.method,
+        "config": report["config"] if report else spec.config,
+        **quality.to_dict(),
+        **size.to_dict(),
+        "quant_seconds": quant_seconds,
+        "decode": speed.to_dict(),
+        "peak_rss_bytes": serving_peak,
+        "float_rss_bytes": float_rss,
+        "quant_peak_over_float_bytes": _difference(quant_peak, float_rss),
+        "quant_report": _summary(report),
+    }
+
+
+def _summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The QuantReport without its per-layer table, which would swamp the JSON."""
+    if report is None:
+        return None
+    return {key: value for key, value in report.items() if key != "layers"}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    spec = WorkerSpec(**json.loads(spec_path.read_text()))
+    from quantizers.errors import QuantizationError
+
+    try:
+        result = measure(spec)
+        code = 0
+    except QuantizationError as exc:
+        result = {"method": spec.method, "config": spec.config, "error": exc.message,
+                  "error_type": type(exc).__name__}
+        code = 3
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"method": spec.method, "config": spec.config,
+                  "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
+        code = 1
+    result_path.write_text(json.dumps(result, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
