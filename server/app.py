@@ -24,6 +24,7 @@ from server.auth import require_api_key
 from server.engine import Engine
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimit
+from server.quantization_service import install_quantization, startup_model
 from server.routes import chat, completions, health, models
 from server.settings import Settings
 
@@ -46,7 +47,8 @@ def _start_engine(app: FastAPI, settings: Settings) -> None:
     """Runs in a thread: load, warm up, then publish the engine (ready)."""
     started = time.perf_counter()
     try:
-        loaded = load_served_model(settings)
+        loaded = (startup_model(app.state.jobs, settings) if settings.quantize
+                  else load_served_model(settings))
         engine = Engine(loaded, max_batch=settings.max_batch,
                         max_batch_tokens=settings.max_batch_tokens,
                         max_queue=settings.max_queue, num_threads=settings.num_threads)
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loader.start()
         yield
         app.state.draining = True
+        app.state.jobs.shutdown()
         engine: Engine | None = app.state.engine
         if engine is not None:
             engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     app.include_router(health.router)
+    install_quantization(app, settings, resolve_device(settings.device))
     v1 = [Depends(require_api_key), Depends(require_engine)]
     for router in (completions.router, chat.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=v1)
