@@ -44,8 +44,9 @@ def quantize_per_channel_symmetric(w: Tensor, bits: int = 8) -> tuple[Tensor, Te
     check_bits(bits)
     w = w.detach().float()
     qmax = symmetric_qmax(bits)
-    scale = (w.abs().amax(dim=1) / qmax).clamp_min(_MIN_SCALE)
-    q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    low, high = w.aminmax(dim=1)
+    scale = (torch.maximum(-low, high) / qmax).clamp_min(_MIN_SCALE)
+    q = torch.div(w, scale[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 

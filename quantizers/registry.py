@@ -337,6 +337,19 @@ def _quantised_bits(model: nn.Module, layers: Mapping[str, Any]) -> float:
     return 8.0 * stored / count if count else 0.0
 
 
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast float parameters (embeddings, norms, skipped linears) to `dtype`.
+
+    Buffers keep their dtype: rotary inverse frequencies rounded to bfloat16
+    would shift the phase of every position, and the runtime modules' buffers
+    are already in the dtype their kernel needs. Tied parameters stay tied
+    because the Parameter objects are kept.
+    """
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
 def quantize(
     model: nn.Module,
     method: str,
@@ -361,7 +374,7 @@ def quantize(
     ctx.check_cancel()
     with torch.no_grad():
         entry.apply(model, cfg, ctx)
-    model.to(COMPUTE_DTYPE)
+    _cast_parameters(model, COMPUTE_DTYPE)
     return QuantReport(
         method=method,
         config=cfg.to_dict(),

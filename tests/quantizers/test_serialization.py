@@ -1,0 +1,59 @@
+"""quantized_state -> build_from_state rebuilds an identical model without float weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantizers import quantize
+from quantizers.errors import QuantizationError
+from quantizers.serialization import build_from_state, quantized_state
+
+
+def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize(
+    ("method", "config"),
+    [("int8", {}), ("int4", {"group_size": 64}), ("int4", {"overrides": {"lm_head": {}}})],
+)
+def test_round_trip_gives_identical_logits(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor, method: str, config: dict
+) -> None:
+    report = quantize(tiny_llama, method, config)
+    expected = logits(tiny_llama, tiny_tokens)
+    tensors, plan = quantized_state(tiny_llama)
+    rebuilt = build_from_state(tiny_llama.config.to_dict(), tensors, plan)
+    assert torch.equal(logits(rebuilt, tiny_tokens), expected)
+    assert set(plan["modules"]) == set(report.layers)
+
+
+def test_state_holds_tied_embeddings_once_and_keeps_rotary_in_float32(
+    tiny_llama: nn.Module,
+) -> None:
+    quantize(tiny_llama, "int8")
+    tensors, plan = quantized_state(tiny_llama)
+    assert "lm_head.weight" not in tensors and plan["tie_word_embeddings"] is True
+    assert tensors["model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert plan["dtype"] == "bfloat16"
+    rebuilt = build_from_state(tiny_llama.config, tensors, plan)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+
+
+def test_missing_tensors_are_an_error(tiny_llama: nn.Module) -> None:
+    quantize(tiny_llama, "int8")
+    tensors, plan = quantized_state(tiny_llama)
+    del tensors["model.norm.weight"]
+    with pytest.raises(QuantizationError, match=r"model\.norm\.weight"):
+        build_from_state(tiny_llama.config, tensors, plan)
+
+
+def test_unknown_kind_is_an_error(tiny_llama: nn.Module) -> None:
+    quantize(tiny_llama, "int8")
+    tensors, plan = quantized_state(tiny_llama)
+    plan["modules"]["model.layers.0.mlp.up_proj"]["kind"] = "Int3Linear"
+    with pytest.raises(QuantizationError, match="Int3Linear"):
+        build_from_state(tiny_llama.config, tensors, plan)

@@ -1,0 +1,64 @@
+"""Whole tiny models quantised with int8 / int4: logits stay close to float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantizers import quantize
+from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+
+def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_int8_model_logits_track_float(tiny_llama: nn.Module, tiny_tokens: torch.Tensor) -> None:
+    reference = logits(tiny_llama, tiny_tokens)
+    report = quantize(tiny_llama, "int8")
+    out = logits(tiny_llama, tiny_tokens)
+    kinds = {type(m) for m in tiny_llama.modules()}
+    assert Int8WeightOnlyLinear in kinds and nn.Linear in kinds  # lm_head stays float
+    assert relative_error(out, reference) < 0.03
+    assert (out.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    assert report.weight_bytes_after < 0.5 * report.weight_bytes_before
+
+
+@pytest.mark.parametrize(("group_size", "bound"), [(32, 0.15), (64, 0.2), (128, 0.25)])
+def test_int4_model_logits_track_float(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor, group_size: int, bound: float
+) -> None:
+    reference = logits(tiny_llama, tiny_tokens)
+    quantize(tiny_llama, "int4", {"group_size": group_size})
+    out = logits(tiny_llama, tiny_tokens)
+    assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, Int4WeightOnlyLinear)
+    assert relative_error(out, reference) < bound
+
+
+def test_int4_error_shrinks_with_the_group_size(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor
+) -> None:
+    reference = logits(tiny_llama, tiny_tokens)
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    errors = []
+    for group_size in (32, 128):
+        model = type(tiny_llama)(tiny_llama.config).eval()
+        model.load_state_dict(state)
+        quantize(model, "int4", {"group_size": group_size})
+        errors.append(relative_error(logits(model, tiny_tokens), reference))
+    assert errors[0] < errors[1]
+
+
+def test_generation_runs_on_a_quantised_model(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor
+) -> None:
+    quantize(tiny_llama, "int4", {"group_size": 32})
+    with torch.no_grad():
+        out = tiny_llama.generate(tiny_tokens[:1], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, tiny_tokens.shape[1] + 5)

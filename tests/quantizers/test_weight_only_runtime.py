@@ -1,0 +1,144 @@
+"""Int8 / int4 weight-only modules: real kernel matmuls against float results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantizers.packing import pack_nibbles, unpack_int4
+from quantizers.primitives import (
+    dequantize_per_channel,
+    dequantize_per_group,
+    pad_to_multiple,
+    quantize_per_channel_symmetric,
+    quantize_per_group_asymmetric,
+)
+from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).norm() / ref.norm())
+
+
+def make_linear(k: int, n: int, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(k * 7 + n)
+    linear = nn.Linear(k, n, bias=bias)
+    # a few large columns, like real LLM weights, so a wrong scale shows
+    with torch.no_grad():
+        linear.weight[:, :3] *= 8
+    return linear
+
+
+@pytest.mark.parametrize(("k", "n"), [(96, 192), (576, 192), (64, 40)])
+def test_int8_matches_dequantised_and_float(k: int, n: int) -> None:
+    linear = make_linear(k, n)
+    module = Int8WeightOnlyLinear.from_float(linear)
+    x = torch.randn(3, 5, k)
+    out = module(x)
+    assert out.shape == (3, 5, n) and out.dtype == torch.float32
+    q, scale = quantize_per_channel_symmetric(linear.weight)
+    exact = x @ dequantize_per_channel(q, scale).t() + linear.bias
+    # bf16 activations and scales: ~0.5% relative; a wrong scale or code is >> 1%
+    assert relative_error(out, exact) < 0.01
+    # the 8x columns widen each row's range; int8 + bf16 still stay within 3%
+    assert relative_error(out, linear(x)) < 0.03
+    assert torch.equal(module.weight, q)
+
+
+def test_int8_returns_the_callers_dtype_and_handles_no_bias() -> None:
+    linear = make_linear(96, 48, bias=False)
+    module = Int8WeightOnlyLinear.from_float(linear)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    out = module(x)
+    assert out.dtype == torch.bfloat16 and module.bias is None
+    assert relative_error(out, linear(x.float())) < 0.03
+
+
+def test_int8_from_quantized_rejects_group_parameters() -> None:
+    q, scale = quantize_per_channel_symmetric(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="per channel"):
+        Int8WeightOnlyLinear.from_quantized(q, scale, torch.zeros(8), None)
+    with pytest.raises(ValueError, match="int8 codes"):
+        Int8WeightOnlyLinear.from_quantized(q.float(), scale)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "group_size"),
+    [(96, 192, 32), (96, 192, 64), (576, 192, 128), (128, 40, 128), (256, 48, 64)],
+)
+def test_int4_matches_dequantised_and_float(k: int, n: int, group_size: int) -> None:
+    linear = make_linear(k, n)
+    module = Int4WeightOnlyLinear.from_float(linear, group_size)
+    x = torch.randn(7, k)
+    out = module(x)
+    assert out.shape == (7, n)
+    padded = pad_to_multiple(linear.weight.detach(), group_size, dim=1)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, group_size)
+    exact = x @ dequantize_per_group(q, scale, zero, group_size)[:, :k].t() + linear.bias
+    assert relative_error(out, exact) < 0.01
+    # 4-bit RTN on Gaussian weights costs roughly 10% relative error, not more
+    assert relative_error(out, linear(x)) < 0.2
+
+
+def test_int4_packing_round_trips_through_the_kernel() -> None:
+    linear = make_linear(96, 40)
+    module = Int4WeightOnlyLinear.from_float(linear, 64)
+    q, scale, zero = module.unpacked()
+    expected_q, expected_scale, expected_zero = quantize_per_group_asymmetric(
+        pad_to_multiple(linear.weight.detach(), 64, dim=1), 4, 64
+    )
+    assert torch.equal(q, expected_q)
+    assert torch.allclose(scale, expected_scale, rtol=0.01)
+    # the kernel stores (8 - zero) * scale in bf16, so the zero comes back to ~0.1
+    assert torch.allclose(zero, expected_zero, atol=0.1)
+    assert module.padded_in == 128 and module.padded_out == 48
+
+
+def test_int4_from_quantized_with_padding_equals_from_float() -> None:
+    linear = make_linear(96, 64)
+    padded = pad_to_multiple(linear.weight.detach(), 128, dim=1)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, 128)
+    built = Int4WeightOnlyLinear.from_quantized(q, scale, zero, 128, linear.bias, in_features=96)
+    x = torch.randn(2, 96)
+    assert torch.equal(built(x), Int4WeightOnlyLinear.from_float(linear, 128)(x))
+
+
+def test_int4_from_quantized_checks_shapes() -> None:
+    q, scale, zero = quantize_per_group_asymmetric(torch.randn(16, 128), 4, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        Int4WeightOnlyLinear.from_quantized(q, scale, zero, 32)
+    with pytest.raises(ValueError, match="zero point"):
+        Int4WeightOnlyLinear.from_quantized(q, scale, None, 64)
+
+
+def test_nibble_packing_order() -> None:
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert pack_nibbles(q).tolist() == [[0x12, 0xF0]]
+
+
+def test_unpack_recovers_codes_of_a_cpu_packed_weight() -> None:
+    q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
+    assert torch.equal(unpack_int4(packed, 32, 64, 32), q)
+
+
+@needs_cuda
+def test_int4_repacked_for_cuda_matches_cpu() -> None:
+    linear = make_linear(576, 192)
+    module = Int4WeightOnlyLinear.from_float(linear, 128)
+    x = torch.randn(5, 576)
+    gpu = module.repacked("cuda")
+    assert gpu.describe()["layout"] == "cuda"
+    assert relative_error(gpu(x.cuda()).cpu(), module(x)) < 0.01
+
+
+@needs_cuda
+def test_int8_on_cuda_matches_cpu() -> None:
+    linear = make_linear(576, 192)
+    module = Int8WeightOnlyLinear.from_float(linear)
+    x = torch.randn(5, 576)
+    assert relative_error(module.to("cuda")(x.cuda()).cpu(), module.cpu()(x)) < 0.01
