@@ -169,8 +169,10 @@ class ServerStateCollector(Collector):
         params = GaugeMetricFamily(
             "quantserve_model_parameters", "Parameters of the active model.",
             labels=_MODEL_LABELS)
+        # Prometheus names use base units, so bits per weight is exported in bytes.
         bits = GaugeMetricFamily(
-            "quantserve_model_bits_per_weight", "Stored bits per weight of the active model.",
+            "quantserve_model_weight_bytes_per_parameter",
+            "Stored bytes per weight of the active model (times 8: bits per weight).",
             labels=_MODEL_LABELS)
         quality = {
             name: GaugeMetricFamily(f"quantserve_quality_{name}", text, labels=_MODEL_LABELS)
@@ -180,7 +182,7 @@ class ServerStateCollector(Collector):
             info.add_metric([*labels, facts.dtype, facts.device], 1)
             weights.add_metric(labels, facts.weight_bytes)
             params.add_metric(labels, facts.param_count)
-            bits.add_metric(labels, facts.bits_per_weight)
+            bits.add_metric(labels, facts.bits_per_weight / 8)
             report = (loaded.metadata or {}).get("quality") or {}
             for name, (_, key) in QUALITY_GAUGES.items():
                 value = report.get(key)

@@ -41,7 +41,7 @@ def test_engine_snapshot_and_model_facts(app: FastAPI, scrape) -> None:
     assert value(parsed, "quantserve_max_batch", **labels) == 8
     assert value(parsed, "quantserve_model_weight_bytes", **labels) == loaded.weight_bytes
     assert value(parsed, "quantserve_model_parameters", **labels) == loaded.param_count
-    assert value(parsed, "quantserve_model_bits_per_weight", **labels) == 32.0
+    assert value(parsed, "quantserve_model_weight_bytes_per_parameter", **labels) == 4.0
     assert value(parsed, "quantserve_model_info", dtype="float32", device="cpu", **labels) == 1
     assert value(parsed, "quantserve_quality_perplexity", **labels) == 21.5
     assert value(parsed, "quantserve_quality_perplexity_ratio", **labels) == 1.075
@@ -72,8 +72,8 @@ def test_swapped_model_changes_labels_and_facts(app: FastAPI, scrape) -> None:
     quantized.quantization = {"method": "int4", "bits_per_weight": 4.5}
     engine.loaded = quantized
     parsed = scrape()
-    assert value(parsed, "quantserve_model_bits_per_weight",
-                 model="tiny-after", quantization="int4") == 4.5
+    assert value(parsed, "quantserve_model_weight_bytes_per_parameter",
+                 model="tiny-after", quantization="int4") == 4.5 / 8
     assert ("quantserve_model_weight_bytes",
             frozenset({"model": "tiny-before", "quantization": "float"}.items())) not in parsed
     # No quality report on this model: the gauges exist but carry no sample.
