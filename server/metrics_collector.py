@@ -26,6 +26,9 @@ import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from quantizers.loading import weight_bytes
+from quantizers.runtime.base import QuantizedLinear
+
 _MODEL_LABELS = ["model", "quantization"]
 _CACHE_COUNTERS = ("hits", "misses", "evictions", "corrupt")
 
@@ -70,21 +73,21 @@ def _current_rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
-def _bits_per_weight(loaded: Any, param_count: int) -> float:
-    """The method's own `bits_per_weight` when it states one, else parameter bits over parameters.
+def _weight_totals(model: torch.nn.Module) -> tuple[int, int]:
+    """(stored bytes, logical weights) over the float parameters and quantised linears.
 
-    The fallback is exact for float models. Quantised modules keep packed
-    weights as buffers rather than parameters, so a quantiser must state the
-    figure in `LoadedModel.quantization["bits_per_weight"]` to be reported right.
+    A quantised linear keeps its packed weights and scales as buffers, so
+    `LoadedModel.param_count` would miss its weights; counting its logical
+    in x out weights against its stored bytes gives honest bits per weight for
+    every variant. Other buffers (rotary frequencies) are not weights.
     """
-    quantization = loaded.quantization or {}
-    stated = quantization.get("bits_per_weight")
-    if isinstance(stated, int | float) and stated > 0:
-        return float(stated)
-    if param_count <= 0:
-        return 0.0
-    param_bits = sum(p.numel() * p.element_size() * 8 for p in loaded.model.parameters())
-    return param_bits / param_count
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    count = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            stored += weight_bytes(module)
+            count += module.in_features * module.out_features
+    return stored, count
 
 
 class ServerStateCollector(Collector):
@@ -118,12 +121,11 @@ class ServerStateCollector(Collector):
     def _model_facts(self, loaded: Any) -> _ModelFacts:
         if self._facts_for is not None and self._facts_for() is loaded and self._facts:
             return self._facts
-        weight_bytes = int(loaded.weight_bytes)
-        param_count = int(loaded.param_count)
+        stored, count = _weight_totals(loaded.model)
         facts = _ModelFacts(
-            weight_bytes=weight_bytes,
-            param_count=param_count,
-            bits_per_weight=_bits_per_weight(loaded, param_count),
+            weight_bytes=int(loaded.weight_bytes),
+            param_count=count,
+            bits_per_weight=8 * stored / count if count else 0.0,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
         )
@@ -167,7 +169,8 @@ class ServerStateCollector(Collector):
             "quantserve_model_weight_bytes", "Bytes of weights (parameters and buffers) in memory.",
             labels=_MODEL_LABELS)
         params = GaugeMetricFamily(
-            "quantserve_model_parameters", "Parameters of the active model.",
+            "quantserve_model_parameters",
+            "Weights of the active model, counting each quantised weight once.",
             labels=_MODEL_LABELS)
         # Prometheus names use base units, so bits per weight is exported in bytes.
         bits = GaugeMetricFamily(

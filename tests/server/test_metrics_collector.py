@@ -9,6 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from quantizers import quantize
 from server.engine.types import EngineStats
 from server.observability import install_observability
 from tests.server.metrics_helpers import SnapshotEngine, samples, tiny_loaded_model, value
@@ -64,20 +65,30 @@ def test_memory_breakdown_adds_up_to_rss(app: FastAPI, scrape) -> None:
     assert value(parsed, "quantserve_process_peak_resident_memory_bytes") >= rss * 0.98
 
 
-def test_swapped_model_changes_labels_and_facts(app: FastAPI, scrape) -> None:
+def test_swapped_quantized_model_reports_its_own_facts(app: FastAPI, scrape) -> None:
+    """After a swap to a real int8 or int4 variant, labels and facts follow the new model;
+    quantisation keeps the weight count and cuts the stored bits per weight."""
     engine = SnapshotEngine(tiny_loaded_model("tiny-before"))
     app.state.engine = engine
-    scrape()
-    quantized = tiny_loaded_model("tiny-after")
-    quantized.quantization = {"method": "int4", "bits_per_weight": 4.5}
-    engine.loaded = quantized
-    parsed = scrape()
-    assert value(parsed, "quantserve_model_weight_bytes_per_parameter",
-                 model="tiny-after", quantization="int4") == 4.5 / 8
-    assert ("quantserve_model_weight_bytes",
-            frozenset({"model": "tiny-before", "quantization": "float"}.items())) not in parsed
-    # No quality report on this model: the gauges exist but carry no sample.
-    assert not any(name.startswith("quantserve_quality_") for name, _ in parsed)
+    float_params = value(scrape(), "quantserve_model_parameters",
+                         model="tiny-before", quantization="float")
+    bits = {}
+    for method, config in (("int8", {}), ("int4", {"group_size": 32})):
+        loaded = tiny_loaded_model(f"tiny-{method}")
+        quantize(loaded.model, method, config)
+        loaded.quantization = {"method": method, **config}
+        engine.loaded = loaded
+        parsed = scrape()
+        labels = {"model": f"tiny-{method}", "quantization": method}
+        assert value(parsed, "quantserve_model_parameters", **labels) == float_params
+        assert value(parsed, "quantserve_model_weight_bytes", **labels) == loaded.weight_bytes
+        bits[method] = 8 * value(parsed, "quantserve_model_weight_bytes_per_parameter", **labels)
+        assert ("quantserve_model_weight_bytes",
+                frozenset({"model": "tiny-before", "quantization": "float"}.items())) not in parsed
+        # No quality report on this model: the gauges exist but carry no sample.
+        assert not any(name.startswith("quantserve_quality_") for name, _ in parsed)
+    # Float embeddings (bf16 after quantisation) keep both above the linears' own width.
+    assert 4 < bits["int4"] < bits["int8"] < 16
 
 
 def test_cache_counters_come_from_the_artifact_store(app: FastAPI, scrape) -> None:
