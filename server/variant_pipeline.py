@@ -32,6 +32,7 @@ from quantizers.serialization import PLAN_FORMAT, build_from_state, quantized_st
 from server.calibration_source import CalibrationRequest, calibration_key_part, load_batches
 
 QUALITY_TOKENS = 512
+QUALITY_WINDOW = 256
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,9 @@ def _quality(base: Any, quant: Any, tokenizer: Any, tokens: int) -> dict[str, An
     from quantizers.evaluation.report import quality_report
 
     with torch.inference_mode():
-        return _json_safe(quality_report(base, quant, tokenizer, limit_tokens=tokens))
+        report = quality_report(base, quant, tokenizer, limit_tokens=tokens,
+                                window=min(QUALITY_WINDOW, tokens))
+    return _json_safe(report)
 
 
 def _json_safe(value: Any) -> Any:
