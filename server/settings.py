@@ -83,7 +83,7 @@ class Settings(BaseSettings):
             raise ValueError("quantize_config must be a JSON object")
         return value
 
-    @field_validator("quantize", "model", "model_id", mode="before")
+    @field_validator("quantize", "model", "model_id", "admin_token", "api_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
