@@ -26,16 +26,27 @@ PLAN_FORMAT = 1
 def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Every tensor needed to rebuild `model` (tied tensors once) and the plan.
 
-    Non-persistent buffers (rotary inverse frequencies) are included so that a
-    meta-device skeleton needs nothing recomputed.
+    Non-persistent buffers of the architecture (rotary inverse frequencies)
+    are included so that a meta-device skeleton needs nothing recomputed; those
+    of runtime modules are derived from their other tensors and left out.
     """
-    tensors: dict[str, Tensor] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        tensors[name] = tensor.detach().contiguous()
-    modules = {
-        name: {"kind": type(module).__name__, **module.describe()}
+    runtime = {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLinear)
+    }
+    derived = {
+        f"{name}.{buffer}"
+        for name, module in runtime.items()
+        for buffer in module._non_persistent_buffers_set
+    }
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in derived:
+            tensors[name] = tensor.detach().contiguous()
+    modules = {
+        name: {"kind": type(module).__name__, **module.describe()}
+        for name, module in runtime.items()
     }
     floating = {t.dtype for t in model.parameters() if t.is_floating_point()}
     plan = {

@@ -3,6 +3,7 @@
 from quantizers.runtime.base import COMPUTE_DTYPE, RUNTIME_KINDS, QuantizedLinear
 from quantizers.runtime.int4 import Int4WeightOnlyLinear
 from quantizers.runtime.int8 import Int8WeightOnlyLinear
+from quantizers.runtime.w8a8 import W8A8Linear
 
 __all__ = [
     "COMPUTE_DTYPE",
@@ -10,4 +11,5 @@ __all__ = [
     "Int4WeightOnlyLinear",
     "Int8WeightOnlyLinear",
     "QuantizedLinear",
+    "W8A8Linear",
 ]

@@ -1,0 +1,195 @@
+"""Calibration data and activation statistics, shared by every calibrated method.
+
+Calibration text comes from the shared data directory (never WikiText, which
+is the evaluation set). `calibration_batches` cuts deterministic, evenly spaced
+token windows from it, so the same config always gives the same batches (and
+the same artifact). `collect_activation_stats` runs them through the model with
+hooks on linear inputs and keeps per-input-channel statistics, plus an optional
+deterministic sample of input rows for methods that score candidate settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from torch import Tensor, nn
+
+from quantizers.errors import ConfigError
+
+DATASET_FILES = {
+    "tinyshakespeare": Path("calibration") / "tinyshakespeare.txt",
+    "alice": Path("calibration") / "carroll-alice.txt",
+}
+MAX_SAMPLES = 4096
+MAX_SEQ_LEN = 8192
+
+
+def data_dir() -> Path:
+    """`QUANTSERVE_DATA_DIR`, else `<repo>/../shared/data` (read-only, never copied)."""
+    override = os.environ.get("QUANTSERVE_DATA_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _check_int(value: Any, low: int, high: int, param: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{param} must be an integer in {low}..{high}, got {value!r}", param)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text to calibrate on and how much of it.
+
+    dataset: "tinyshakespeare", "alice", or a path to a UTF-8 text file.
+    """
+
+    dataset: str = "tinyshakespeare"
+    samples: int = 64
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError("calibration dataset must be a name or a path", "calibration.dataset")
+        _check_int(self.samples, 1, MAX_SAMPLES, "calibration.samples")
+        _check_int(self.seq_len, 8, MAX_SEQ_LEN, "calibration.seq_len")
+
+    def path(self) -> Path:
+        """The text file this config reads; a ConfigError if it is missing."""
+        relative = DATASET_FILES.get(self.dataset)
+        path = data_dir() / relative if relative else Path(self.dataset).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"calibration file not found: {path}", "calibration.dataset")
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Self:
+        data = dict(data or {})
+        unknown = set(data) - {"dataset", "samples", "seq_len"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(f"unknown calibration field '{name}'", f"calibration.{name}")
+        return cls(**data)
+
+
+@lru_cache(maxsize=4)
+def _token_ids(path: Path, mtime_ns: int, tokenizer: Any) -> Tensor:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ConfigError(f"calibration file is empty: {path}", "calibration.dataset")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batches(tokenizer: Any, cfg: CalibrationConfig) -> list[Tensor]:
+    """`cfg.samples` windows of `cfg.seq_len` tokens, evenly spaced over the text.
+
+    Windows overlap when the text is shorter than samples * seq_len; a text
+    shorter than one window is a ConfigError naming seq_len.
+    """
+    path = cfg.path()
+    ids = _token_ids(path, path.stat().st_mtime_ns, tokenizer)
+    if ids.numel() < cfg.seq_len:
+        raise ConfigError(
+            f"calibration text {path.name} has {ids.numel()} tokens, fewer than "
+            f"seq_len {cfg.seq_len}",
+            "calibration.seq_len",
+        )
+    last_start = ids.numel() - cfg.seq_len
+    starts = torch.linspace(0, last_start, cfg.samples).round().long().tolist()
+    return [ids[s : s + cfg.seq_len].unsqueeze(0) for s in starts]
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of one linear layer's input over all calibration tokens.
+
+    Per input channel: absolute max, min, max and sum of squares; `rows` is a
+    deterministic sample of input rows (float32 [S, K]) when requested.
+    """
+
+    abs_max: Tensor
+    min: Tensor
+    max: Tensor
+    sq_sum: Tensor
+    count: int
+    rows: Tensor | None = None
+    _row_parts: list[Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def mean_square(self) -> Tensor:
+        return self.sq_sum / max(self.count, 1)
+
+    @classmethod
+    def first(cls, x: Tensor) -> Self:
+        low, high = x.aminmax(dim=0)
+        return cls(torch.maximum(-low, high), low, high, x.square().sum(0), x.shape[0])
+
+    def update(self, x: Tensor) -> None:
+        low, high = x.aminmax(dim=0)
+        self.min = torch.minimum(self.min, low)
+        self.max = torch.maximum(self.max, high)
+        self.abs_max = torch.maximum(-self.min, self.max)
+        self.sq_sum += x.square().sum(0)
+        self.count += x.shape[0]
+
+
+def collect_activation_stats(
+    model: nn.Module,
+    batches: list[Tensor],
+    module_names: list[str] | None = None,
+    keep_rows: int = 0,
+    rows_for: Collection[str] | None = None,
+) -> dict[str, ActivationStats]:
+    """Run the batches through `model` and return input statistics per linear layer.
+
+    module_names limits the hooked layers (default: every nn.Linear). With
+    keep_rows > 0, about that many evenly spaced input rows are kept for the
+    layers in rows_for (default: every hooked layer).
+    """
+    if not batches:
+        raise ConfigError("no calibration batches", "calibration")
+    wanted = set(module_names) if module_names is not None else None
+    stats: dict[str, ActivationStats] = {}
+    per_batch = -(-keep_rows // len(batches)) if keep_rows > 0 else 0
+
+    def hook_for(name: str) -> Any:
+        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if name in stats:
+                stats[name].update(x)
+            else:
+                stats[name] = ActivationStats.first(x)
+            if per_batch and (rows_for is None or name in rows_for):
+                step = max(x.shape[0] // per_batch, 1)
+                stats[name]._row_parts.append(x[::step][:per_batch].clone())
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(hook_for(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (wanted is None or name in wanted)
+    ]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for item in stats.values():
+        if item._row_parts:
+            item.rows = torch.cat(item._row_parts)[:keep_rows]
+            item._row_parts = []
+    return stats
