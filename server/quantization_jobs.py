@@ -24,9 +24,9 @@ from typing import Any
 
 from quantizers import QuantizationCancelled, QuantizationError
 from quantizers.artifacts import Artifact, ArtifactStore, ArtifactWriteError
+from quantizers.calibration import CalibrationConfig
 from quantizers.errors import LayerQuantizationError
 from quantizers.loading import LoadedModel, load_model
-from server.calibration_source import CalibrationRequest
 from server.engine import Engine
 from server.variant_pipeline import (
     QUALITY_TOKENS,
@@ -156,7 +156,7 @@ class JobManager:
         return self._base_factory()
 
     def resolve(
-        self, method: str, config: dict[str, Any] | None, calibration: CalibrationRequest | None
+        self, method: str, config: dict[str, Any] | None, calibration: CalibrationConfig | None
     ) -> VariantSpec:
         """Validate a request; raises ConfigError naming the field at fault."""
         return resolve_spec(self.base, method, config, calibration)
@@ -220,7 +220,7 @@ class JobManager:
         return loaded
 
     def startup_variant(
-        self, method: str, config: dict[str, Any] | None, calibration: CalibrationRequest | None
+        self, method: str, config: dict[str, Any] | None, calibration: CalibrationConfig | None
     ) -> LoadedModel:
         """The model to start serving with `--quantize`: the cached artifact when
         there is one (no quantisation), else a fresh build that is then cached.

@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from quantizers.artifacts import ArtifactStore
+from quantizers.calibration import CalibrationConfig
 from quantizers.loading import LoadedModel
 from server.quantization_jobs import JobManager
 from server.routes import admin
-from server.schemas.admin import CalibrationSpec
 from server.settings import Settings
 from server.variant_pipeline import BaseModelRef
 
@@ -40,11 +40,12 @@ def startup_model(jobs: JobManager, settings: Settings) -> LoadedModel:
     cache when present, else quantised from the base weights and cached.
 
     QUANTSERVE_QUANTIZE_CONFIG is the method's config; a `calibration` object
-    in it (dataset, samples, seq_len) selects the calibration data.
+    in it (dataset: a bundled name or a local text file, samples, seq_len)
+    selects the calibration data.
     """
     if settings.quantize is None:
         raise ValueError("no start-up quantisation method is configured")
     config: dict[str, Any] = dict(settings.quantize_config)
     calibration = config.pop("calibration", None)
-    request = CalibrationSpec(**calibration).to_request() if calibration is not None else None
+    request = CalibrationConfig.from_dict(calibration) if calibration is not None else None
     return jobs.startup_variant(settings.quantize, config, request)

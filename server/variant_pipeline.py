@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from quantizers import QuantizationCancelled, get_method, quantize
-from quantizers.artifacts import Artifact, ArtifactStore, artifact_key, key_inputs
+from quantizers.artifacts import (
+    Artifact,
+    ArtifactStore,
+    artifact_key,
+    calibration_identity,
+    key_inputs,
+)
+from quantizers.calibration import CalibrationConfig, calibration_batches
 from quantizers.loading import (
     LoadedModel,
     content_hash,
@@ -29,7 +36,6 @@ from quantizers.loading import (
     resolve_model_path,
 )
 from quantizers.serialization import PLAN_FORMAT, build_from_state, quantized_state
-from server.calibration_source import CalibrationRequest, calibration_key_part, load_batches
 
 QUALITY_TOKENS = 512
 QUALITY_WINDOW = 256
@@ -57,7 +63,7 @@ class VariantSpec:
 
     method: str
     config: dict[str, Any]
-    calibration: CalibrationRequest | None
+    calibration: CalibrationConfig | None
     key: str
 
     def quantization_label(self) -> dict[str, Any]:
@@ -72,12 +78,12 @@ def resolve_spec(
     base: BaseModelRef,
     method: str,
     config: dict[str, Any] | None,
-    calibration: CalibrationRequest | None,
+    calibration: CalibrationConfig | None,
 ) -> VariantSpec:
     """Validate method and config up front (ConfigError naming the field) and key them."""
     entry = get_method(method)
     canonical = entry.make_config(config or {}).to_dict()
-    calibration_part = calibration_key_part(calibration) if calibration is not None else None
+    calibration_part = _calibration_part(calibration)
     key = artifact_key(base.source_hash, method, canonical, calibration_part, PLAN_FORMAT)
     return VariantSpec(method=method, config=canonical, calibration=calibration, key=key)
 
@@ -130,7 +136,8 @@ def build_variant(
     with hooks.timed("load_base"):
         float_model = load_model(base.source, dtype="float32", model_id=base.model_id)
     with hooks.timed("calibrate"):
-        batches = load_batches(spec.calibration, float_model.tokenizer)
+        batches = (calibration_batches(float_model.tokenizer, spec.calibration)
+                   if spec.calibration is not None else None)
     with hooks.timed("quantize"):
         quant_model = copy.deepcopy(float_model.model)
         report = quantize(quant_model, spec.method, spec.config, calibration=batches,
@@ -204,6 +211,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _calibration_part(calibration: CalibrationConfig | None) -> dict[str, Any] | None:
+    """The calibration inputs of a key: parameters plus the text file's sha256,
+    so an edited file never serves an artifact calibrated on the old text."""
+    if calibration is None:
+        return None
+    return calibration_identity(calibration.to_dict(), calibration.path())
+
+
 def _dtype(plan: dict[str, Any]) -> torch.dtype:
     return getattr(torch, str(plan.get("dtype", "bfloat16")))
 
@@ -216,7 +231,7 @@ def _manifest_content(
     report: dict[str, Any],
     quality: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    calibration_part = calibration_key_part(spec.calibration) if spec.calibration else None
+    calibration_part = _calibration_part(spec.calibration)
     return {
         "method": spec.method,
         "config": spec.config,

@@ -80,7 +80,7 @@ def _not_serving(exc: NotServing) -> APIError:
 )
 def start_quantization(body: QuantizeRequest, request: Request) -> JSONResponse:
     jobs = _jobs(request)
-    calibration = body.calibration.to_request() if body.calibration else None
+    calibration = body.calibration.to_config() if body.calibration else None
     try:
         spec = jobs.resolve(body.method, body.config, calibration)
     except (ConfigError, MethodUnavailableError) as exc:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantizers.artifacts import ArtifactInfo
-from server.calibration_source import DATASET_FILES, CalibrationRequest
+from quantizers.calibration import DATASET_FILES, MAX_SAMPLES, MAX_SEQ_LEN, CalibrationConfig
 from server.quantization_jobs import Job
 
 DatasetName = Literal[tuple(DATASET_FILES)]  # type: ignore[valid-type]
@@ -22,12 +22,12 @@ class CalibrationSpec(_Strict):
     Only the bundled datasets can be named over HTTP, never a server path."""
 
     dataset: DatasetName = "tinyshakespeare"
-    samples: int = Field(default=64, ge=1, le=1024)
-    seq_len: int = Field(default=256, ge=16, le=4096)
+    samples: int = Field(default=64, ge=1, le=MAX_SAMPLES)
+    seq_len: int = Field(default=256, ge=8, le=MAX_SEQ_LEN)
 
-    def to_request(self) -> CalibrationRequest:
-        return CalibrationRequest(dataset=self.dataset, samples=self.samples,
-                                  seq_len=self.seq_len)
+    def to_config(self) -> CalibrationConfig:
+        return CalibrationConfig(dataset=self.dataset, samples=self.samples,
+                                 seq_len=self.seq_len)
 
 
 class QuantizeRequest(_Strict):

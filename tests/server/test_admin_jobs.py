@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from quantizers.artifacts import ArtifactStore
+from quantizers.artifacts.keys import file_sha256
+from quantizers.calibration import CalibrationConfig
 from quantizers.loading import load_model
 from server.engine import Engine, Finish, GenerationRequest, SamplingParams
 from server.quantization_jobs import Job, JobAlreadyFinished, JobManager, JobState
@@ -171,3 +173,28 @@ def test_activate_artifact_and_back_to_base(jobs: JobManager, engine: Engine) ->
     jobs.activate_artifact(jobs.store.get(job.artifact))
     assert engine.loaded.variant == "int8" and jobs.active_key == job.artifact
     assert job.artifact in jobs.protected_keys()
+
+
+def test_calibrated_method_keys_on_the_calibration_text(
+    jobs: JobManager, engine: Engine, tmp_path: Path
+) -> None:
+    calibration = CalibrationConfig(dataset="alice", samples=4, seq_len=64)
+    without = jobs.resolve("gptq", {"group_size": 32}, None)
+    spec = jobs.resolve("gptq", {"group_size": 32}, calibration)
+    assert spec.key != without.key
+
+    failed = wait_finished(jobs.submit(without))
+    assert failed.state == JobState.FAILED and failed.error["param"] == "calibration"
+    assert engine.loaded.variant == "float"
+
+    job = wait_finished(jobs.submit(spec))
+    assert job.state == JobState.SUCCEEDED, job.error
+    inputs = jobs.store.get(job.artifact).manifest["inputs"]
+    assert inputs["calibration"]["dataset"] == "alice"
+    assert inputs["calibration"]["data_sha256"] == file_sha256(calibration.path())
+
+    edited = tmp_path / "alice-edited.txt"
+    edited.write_text(calibration.path().read_text() + " One more line.")
+    other = jobs.resolve("gptq", {"group_size": 32}, CalibrationConfig(
+        dataset=str(edited), samples=4, seq_len=64))
+    assert other.key != spec.key
