@@ -24,6 +24,7 @@ from server.auth import require_api_key
 from server.engine import Engine
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimit
+from server.observability import install_observability
 from server.quantization_service import install_quantization, startup_model
 from server.routes import chat, completions, health, models
 from server.settings import Settings
@@ -99,10 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.fatal_error = None
     app.state.started_at = int(time.time())
-    app.state.observe_finish = lambda endpoint, finish: None
-    app.state.observe_disconnect = lambda: None
 
     install_error_handlers(app)
+    install_observability(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

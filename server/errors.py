@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.metrics import record_error
+
 log = logging.getLogger("quantserve.errors")
 
 _TYPE_BY_STATUS = {
@@ -83,20 +85,31 @@ def error_response(
 
 
 def _render(err: APIError) -> JSONResponse:
+    record_error(err.code or err.type, err.status)
     body = ErrorResponse(
         error=ErrorDetail(message=err.message, type=err.type, param=err.param, code=err.code)
     )
     return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic puts the union member it tried into `loc` (`str`, `list[int]`, ...)."""
+    text = str(part)
+    return text in _TYPE_TAGS or "[" in text or "-" in text
+
+
 def _param_of(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "content")` -> `messages[0].content`."""
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     out = ""
-    for part in parts:
+    for part in loc:
+        if part in ("body", "query", "path", "header"):
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "union[", "literal[")):
+        elif not _is_type_tag(part):
             out += ("." if out else "") + str(part)
     return out or None
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from quantizers.loading import LoadedModel
 from server.choices import ChoiceStream, collect
-from server.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob
+from server.engine.types import GenerationRequest, TokenDelta, TokenLogprob
 from server.errors import APIError
 from server.request_params import (
     check_common,
@@ -23,9 +21,10 @@ from server.request_params import (
 from server.routes.responding import (
     ERROR_RESPONSES,
     finish_reason,
+    record_finish,
     run_to_completion,
     sse,
-    sse_done,
+    sse_response,
     usage_of,
 )
 from server.schemas.openai import (
@@ -134,37 +133,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         await stream.__aenter__()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            finishes: list[Finish] = []
-            try:
-                for index in range(n):
-                    yield chunk([ChatChunkChoice(index=index,
-                                                 delta=ChatDelta(role="assistant", content=""))])
-                async for index, event in stream.events():
-                    if isinstance(event, TokenDelta):
-                        if not event.text and not event.logprobs:
-                            continue
-                        yield chunk([ChatChunkChoice(
-                            index=index, delta=ChatDelta(content=event.text),
-                            logprobs=_chat_logprobs(event.logprobs) if logprobs is not None
-                            else None,
-                        )])
-                    else:
-                        finishes.append(event)
-                        request.app.state.observe_finish("chat", event)
-                        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(),
-                                                     finish_reason=finish_reason(event))])
-                if include_usage:
-                    yield chunk([], usage=usage_of(len(prompt_ids), finishes))
-            except APIError as exc:
-                yield sse({"error": {"message": exc.message, "type": exc.type,
-                                     "param": exc.param, "code": exc.code}})
-            finally:
-                await stream.cancel()
-            yield sse_done()
+        def on_delta(index: int, delta: TokenDelta) -> str | None:
+            if not delta.text and not delta.logprobs:
+                return None
+            return chunk([ChatChunkChoice(
+                index=index, delta=ChatDelta(content=delta.text),
+                logprobs=_chat_logprobs(delta.logprobs) if logprobs is not None else None,
+            )])
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return await sse_response(
+            request, "chat", stream,
+            head=[chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                  for i in range(n)],
+            on_delta=on_delta,
+            on_finish=lambda index, finish: chunk([ChatChunkChoice(
+                index=index, delta=ChatDelta(), finish_reason=finish_reason(finish))]),
+            tail=lambda finishes: [chunk([], usage=usage_of(len(prompt_ids), finishes))]
+            if include_usage else [],
+        )
 
     results = await run_to_completion(request, ChoiceStream(engine.generate, jobs), n, collect)
     choices = []
@@ -172,7 +158,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     for index, result in enumerate(results):
         assert result.finish is not None
         finishes.append(result.finish)
-        request.app.state.observe_finish("chat", result.finish)
+        record_finish(request, "chat", result.finish)
         choices.append(ChatChoice(
             index=index,
             message=AssistantMessage(content=result.text),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from quantizers.loading import LoadedModel
 from server.choices import ChoiceResult, ChoiceStream, collect
@@ -23,9 +21,10 @@ from server.request_params import (
 from server.routes.responding import (
     ERROR_RESPONSES,
     finish_reason,
+    record_finish,
     run_to_completion,
     sse,
-    sse_done,
+    sse_response,
     usage_of,
 )
 from server.schemas.openai import (
@@ -147,52 +146,31 @@ async def create_completion(body: CompletionRequest, request: Request):
         stream = ChoiceStream(engine.generate, jobs)
         await stream.__aenter__()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets = [len(prompt_texts[index // n]) if echo else 0 for index in range(len(jobs))]
 
-        async def events() -> AsyncIterator[str]:
-            offsets = [0] * len(jobs)
-            finishes: list[Finish] = []
-            try:
-                if echo:
-                    for index in range(len(jobs)):
-                        text = prompt_texts[index // n]
-                        offsets[index] = len(text)
-                        yield sse(CompletionResponse(
-                            id=request_id, created=created, model=model_name,
-                            choices=[CompletionChoice(text=text, index=index)],
-                        ))
-                async for index, event in stream.events():
-                    if isinstance(event, TokenDelta):
-                        logprobs = None
-                        if body.logprobs is not None:
-                            logprobs, offsets[index] = _logprobs(
-                                [(e.token, e) for e in event.logprobs], offsets[index]
-                            )
-                        if not event.text and logprobs is None:
-                            continue
-                        choice = CompletionChoice(text=event.text, index=index, logprobs=logprobs)
-                    else:
-                        finishes.append(event)
-                        request.app.state.observe_finish("completions", event)
-                        choice = CompletionChoice(
-                            text="", index=index, finish_reason=finish_reason(event)
-                        )
-                    yield sse(CompletionResponse(
-                        id=request_id, created=created, model=model_name, choices=[choice]
-                    ))
-                if include_usage:
-                    yield sse(CompletionResponse(
-                        id=request_id, created=created, model=model_name, choices=[],
-                        usage=usage_of(prompt_total, finishes),
-                    ))
-            except APIError as exc:
-                yield sse({"error": {"message": exc.message, "type": exc.type,
-                                     "param": exc.param, "code": exc.code}})
-            finally:
-                await stream.cancel()
-            yield sse_done()
+        def chunk(*choices: CompletionChoice, usage: Usage | None = None) -> str:
+            return sse(CompletionResponse(id=request_id, created=created, model=model_name,
+                                          choices=list(choices), usage=usage))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        def on_delta(index: int, delta: TokenDelta) -> str | None:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, offsets[index] = _logprobs(
+                    [(e.token, e) for e in delta.logprobs], offsets[index])
+            if not delta.text and logprobs is None:
+                return None
+            return chunk(CompletionChoice(text=delta.text, index=index, logprobs=logprobs))
+
+        return await sse_response(
+            request, "completions", stream,
+            head=[chunk(CompletionChoice(text=prompt_texts[i // n], index=i))
+                  for i in range(len(jobs))] if echo else [],
+            on_delta=on_delta,
+            on_finish=lambda index, finish: chunk(CompletionChoice(
+                text="", index=index, finish_reason=finish_reason(finish))),
+            tail=lambda finishes: [chunk(usage=usage_of(prompt_total, finishes))]
+            if include_usage else [],
+        )
 
     results: list[ChoiceResult] = await run_to_completion(
         request, ChoiceStream(engine.generate, jobs), len(jobs), collect
@@ -203,7 +181,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         finish = result.finish
         assert finish is not None
         finishes.append(finish)
-        request.app.state.observe_finish("completions", finish)
+        record_finish(request, "completions", finish)
         text = result.text
         logprobs = None
         entries: list[tuple[str, TokenLogprob | None]] = []

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.choices import ChoiceStream, until_disconnected
-from server.engine.types import Finish
-from server.errors import APIError, ErrorResponse
+from server.engine.types import Finish, TokenDelta
+from server.errors import APIError, ErrorDetail, ErrorResponse
+from server.metrics import record_disconnect, record_generation
+from server.observability import annotate_request
 from server.schemas.openai import Usage
 
 T = TypeVar("T")
@@ -44,6 +47,12 @@ def sse_done() -> str:
     return "data: [DONE]\n\n"
 
 
+def record_finish(request: Request, endpoint: str, finish: Finish) -> None:
+    """Metrics and the request's log line, once per finished choice."""
+    record_generation(endpoint, finish)
+    annotate_request(request, finish)
+
+
 def finish_reason(finish: Finish) -> Literal["stop", "length"]:
     """OpenAI knows only `stop` and `length`: a generation cut by the server's
     time limit ends like one cut by max_tokens (the text is complete so far)."""
@@ -58,6 +67,55 @@ def usage_of(prompt_tokens: int, finishes: Sequence[Finish]) -> Usage:
     completion = sum(f.completion_tokens for f in finishes)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                  total_tokens=prompt_tokens + completion)
+
+
+async def sse_response(
+    request: Request,
+    endpoint: str,
+    stream: ChoiceStream,
+    *,
+    head: Iterable[str],
+    on_delta: Callable[[int, TokenDelta], str | None],
+    on_finish: Callable[[int, Finish], str],
+    tail: Callable[[list[Finish]], Iterable[str]],
+) -> StreamingResponse:
+    """Stream the merged choices as server-sent events, ending with `[DONE]`.
+
+    The callbacks render one chunk each. A client that leaves mid-stream makes
+    Starlette close this generator; the `finally` then cancels every sequence
+    still running, so the engine stops generating for nobody.
+    """
+
+    async def events() -> AsyncIterator[str]:
+        finishes: list[Finish] = []
+        complete = False
+        try:
+            for chunk in head:
+                yield chunk
+            async for index, event in stream.events():
+                if isinstance(event, TokenDelta):
+                    chunk = on_delta(index, event)
+                    if chunk is not None:
+                        yield chunk
+                else:
+                    finishes.append(event)
+                    record_finish(request, endpoint, event)
+                    yield on_finish(index, event)
+            for chunk in tail(finishes):
+                yield chunk
+            complete = True
+        except APIError as exc:
+            complete = True
+            yield sse(ErrorResponse(error=ErrorDetail(
+                message=exc.message, type=exc.type, param=exc.param, code=exc.code)))
+        finally:
+            await stream.cancel()
+            if not complete:
+                record_disconnect()
+        yield sse_done()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 async def run_to_completion(
@@ -76,5 +134,5 @@ async def run_to_completion(
             return work.result()
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
-        request.app.state.observe_disconnect()
+        record_disconnect()
         raise APIError(499, "client closed the request", code="client_disconnected")
