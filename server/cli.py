@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,6 +92,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from quantizers.evaluation import cli as eval_cli
+
+    p = sub.add_parser(
+        "eval",
+        help="measure quality, size and speed of quantisation methods",
+        description="Quantise the model with each method and report WikiText-2 perplexity, "
+        "KL divergence and top-1 agreement against the float model, weight bytes, bits per "
+        "weight, quantisation time, decode speed and peak memory, in one run.",
+    )
+    eval_cli.add_arguments(p)
+
+    def handler(args: argparse.Namespace) -> int:
+        args.command_line = shlex.join([".venv/bin/quantserve", *sys.argv[1:]])
+        return eval_cli.run(args)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantserve",
@@ -98,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
+    _add_eval(sub)
     return parser
 
 
