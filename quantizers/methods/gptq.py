@@ -1,0 +1,258 @@
+"""`gptq`: second-order error-feedback quantisation (int4 group-wise or int8).
+
+Block by block: the decoder block's linear layers collect input Hessians from
+the calibration data as the already-quantised blocks before it deliver it,
+each layer is solved by GPTQ (quantizers.methods.gptq_solver) and replaced by
+the same runtime module RTN produces, then the quantised block's outputs
+become the next block's inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from quantizers.errors import ConfigError
+from quantizers.methods.block_walk import (
+    BlockCall,
+    advance,
+    capture_first_block_inputs,
+    compute_in_bf16,
+    decoder_blocks,
+    run_block,
+    stack_batches,
+)
+from quantizers.methods.column_grid import int_grid
+from quantizers.methods.gptq_solver import GPTQSolution, gptq_quantize
+from quantizers.methods.hessian import HessianRecorder, output_error
+from quantizers.primitives import (
+    dequantize_per_channel,
+    dequantize_per_group,
+    pad_to_multiple,
+    quantize_per_channel_symmetric,
+    quantize_per_group_asymmetric,
+)
+from quantizers.registry import (
+    LayerTarget,
+    MethodConfig,
+    QuantContext,
+    check_choice,
+    check_range,
+    register_method,
+)
+from quantizers.runtime.base import QuantizedLinear
+from quantizers.runtime.int4 import GROUP_SIZES, Int4WeightOnlyLinear
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """bits: 4 (group-wise asymmetric, int4 kernel) or 8 (per-channel, int8 kernel).
+
+    group_size: input channels per int4 group (32, 64, 128; ignored at 8 bits).
+    damp: Hessian damping as a fraction of its mean diagonal.
+    block_size: columns per lazy-update block (speed only, not the result).
+    act_order: visit columns by decreasing input energy, groups fitted up front.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self.bits, (4, 8), "bits")
+        check_choice(self.group_size, GROUP_SIZES, "group_size")
+        check_range(self.damp, 1e-6, 1.0, "damp")
+        check_choice(self.act_order, (True, False), "act_order")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not (
+            1 <= self.block_size <= 4096
+        ):
+            raise ConfigError(
+                f"block_size must be an integer in 1..4096, got {self.block_size!r}", "block_size"
+            )
+
+
+def min_calibration_tokens(targets: Sequence[LayerTarget]) -> int:
+    """Tokens needed for a full-rank Hessian of every target: its input width.
+
+    With fewer tokens than inputs, XᵀX is singular and GPTQ's corrections are
+    driven by the damping term rather than the data.
+    """
+    return max((t.module.in_features for t in targets), default=0)
+
+
+def check_calibration(batches: Sequence[Tensor], targets: Sequence[LayerTarget]) -> int:
+    """The number of calibration tokens, or ConfigError naming the minimum."""
+    tokens = sum(int(b.numel()) for b in batches)
+    needed = min_calibration_tokens(targets)
+    if tokens < needed:
+        raise ConfigError(
+            f"{tokens} calibration tokens are too few for a stable Hessian: at least "
+            f"{needed} are needed (the widest quantised layer has {needed} inputs)",
+            "calibration",
+        )
+    return tokens
+
+
+def rtn_weight(weight: Tensor, bits: int, group_size: int) -> Tensor:
+    """Round-to-nearest on the same grid, the baseline GPTQ's error is reported against."""
+    if bits == 8:
+        return dequantize_per_channel(*quantize_per_channel_symmetric(weight, 8))
+    padded = pad_to_multiple(weight.float(), group_size, dim=1)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, group_size)
+    return dequantize_per_group(q, scale, zero, group_size)[:, : weight.shape[1]]
+
+
+def runtime_module(
+    solution: GPTQSolution, config: GPTQConfig, linear: nn.Linear
+) -> QuantizedLinear:
+    """The int4/int8 kernel module RTN would build, from GPTQ's codes."""
+    if config.bits == 8:
+        return Int8WeightOnlyLinear.from_quantized(
+            solution.codes.to(torch.int8), solution.scale[:, 0], None, None, linear.bias
+        )
+    assert solution.zero is not None
+    return Int4WeightOnlyLinear.from_quantized(
+        solution.codes.to(torch.uint8),
+        solution.scale,
+        solution.zero,
+        config.group_size,
+        linear.bias,
+        linear.in_features,
+    )
+
+
+def _solve(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> GPTQSolution:
+    grid = int_grid(config.bits, config.group_size)
+    return gptq_quantize(
+        weight,
+        hessian,
+        grid,
+        damp=config.damp,
+        block_size=config.block_size,
+        act_order=config.act_order,
+    )
+
+
+def quantize_group(
+    ctx: QuantContext, group: Sequence[LayerTarget], hessian: Tensor
+) -> dict[str, float]:
+    """Solve layers sharing one input Hessian, stacked when their configs agree.
+
+    GPTQ treats output rows independently given H, so q/k/v (or gate/up)
+    stacked into one matrix cost one Cholesky and one column sweep.
+    Returns each layer's GPTQ and RTN output error.
+    """
+    errors: dict[str, float] = {}
+    same = all(t.config == group[0].config for t in group)
+    batches = [list(group)] if same else [[t] for t in group]
+    for batch in batches:
+        ctx.check_cancel()
+        names = ", ".join(t.name for t in batch)
+        with ctx.layer_errors(batch[0].name if len(batch) == 1 else names):
+            config: GPTQConfig = batch[0].config
+            weights = [t.module.weight.detach().float() for t in batch]
+            solution = _solve(torch.cat(weights), hessian, config)
+        row = 0
+        for target, weight in zip(batch, weights, strict=True):
+            rows = slice(row, row + weight.shape[0])
+            row += weight.shape[0]
+            part = GPTQSolution(
+                codes=solution.codes[rows],
+                scale=solution.scale[rows],
+                zero=None if solution.zero is None else solution.zero[rows],
+                weight=solution.weight[rows],
+                proxy_loss=solution.proxy_loss,
+                damp=solution.damp,
+            )
+            k = weight.shape[1]
+            gptq_error = output_error(part.weight[:, :k] - weight, hessian)
+            rtn_error = output_error(
+                rtn_weight(weight, config.bits, config.group_size) - weight, hessian
+            )
+            with ctx.layer_errors(target.name):
+                module = runtime_module(part, config, target.module)
+            ctx.replace(
+                target.name,
+                module,
+                output_error=gptq_error,
+                rtn_output_error=rtn_error,
+                damp=part.damp,
+            )
+            errors[target.name] = gptq_error
+    return errors
+
+
+def _quantize_block(
+    ctx: QuantContext, block: nn.Module, calls: Sequence[BlockCall], targets: list[LayerTarget]
+) -> None:
+    recorder = HessianRecorder({t.name: t.module for t in targets})
+    try:
+        with compute_in_bf16():
+            for call in calls:
+                ctx.check_cancel()
+                run_block(block, call)
+                recorder.next_call()
+    finally:
+        recorder.close()
+    by_name = {t.name: t for t in targets}
+    for names in recorder.groups([t.name for t in targets]):
+        quantize_group(ctx, [by_name[n] for n in names], recorder.hessian_of(names[0]))
+
+
+def _quantize_outside_blocks(
+    ctx: QuantContext, model: nn.Module, batches: Sequence[Tensor], targets: list[LayerTarget]
+) -> None:
+    """Layers outside the decoder blocks (an opted-in lm_head) after all blocks,
+    with Hessians from one pass of the now-quantised model."""
+    recorder = HessianRecorder({t.name: t.module for t in targets})
+    try:
+        with compute_in_bf16():
+            for ids in stack_batches(batches):
+                ctx.check_cancel()
+                model(input_ids=ids, use_cache=False)
+                recorder.next_call()
+    finally:
+        recorder.close()
+    for target in targets:
+        quantize_group(ctx, [target], recorder.hessian_of(target.name))
+
+
+@register_method("gptq", GPTQConfig)
+def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantContext) -> None:
+    batches = ctx.require_calibration()
+    tokens = check_calibration(batches, ctx.targets)
+    _, blocks = decoder_blocks(model)
+    block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    per_block: list[list[LayerTarget]] = [[] for _ in blocks]
+    outside: list[LayerTarget] = []
+    for target in ctx.targets:
+        index = block_of.get(id(target.module))
+        (outside if index is None else per_block[index]).append(target)
+
+    calls = capture_first_block_inputs(model, blocks, batches)
+    for index, block in enumerate(blocks):
+        ctx.check_cancel()
+        if per_block[index]:
+            _quantize_block(ctx, block, calls, per_block[index])
+        if index + 1 < len(blocks) and any(per_block[index + 1 :]):
+            calls = advance(block, calls)
+    del calls
+    if outside:
+        _quantize_outside_blocks(ctx, model, batches, outside)
+
+    gptq_total = sum(layer["output_error"] for layer in ctx.layers.values())
+    rtn_total = sum(layer["rtn_output_error"] for layer in ctx.layers.values())
+    ctx.extra["gptq"] = {
+        "calibration_tokens": tokens,
+        "min_calibration_tokens": min_calibration_tokens(ctx.targets),
+        "output_error": gptq_total,
+        "rtn_output_error": rtn_total,
+        "output_error_vs_rtn": gptq_total / rtn_total if rtn_total else None,
+    }
