@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tinyshakespeare, alice or a text file path")
     parser.add_argument("--calibration-samples", type=int, default=64, metavar="N")
     parser.add_argument("--calibration-seq-len", type=int, default=256, metavar="N")
-    parser.add_argument("--decode-tokens", type=int, default=64, metavar="N",
+    parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",
                         help="tokens generated per decode-speed run")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads in each worker (default: torch's choice)")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 2 or args.limit_tokens < 0:
         print("error: --window must be >= 2 and --limit-tokens >= 0", file=sys.stderr)
         return 2
-    command = getattr(args, "command_line", None) or shlex.join(sys.argv)
+    command = getattr(args, "command_line", None) or shlex.join(["quantserve", *sys.argv[1:]])
     try:
         lm = load_model(args.model, dtype=torch.float32)
     except ModelLoadError as exc:

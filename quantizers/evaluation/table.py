@@ -28,6 +28,8 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 
 def _row(row: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Perplexity and bytes are compared with the float32 row; decode speed with
+    float32 timed in turns in the variant's own process (see worker)."""
     label = row["label"]
     if "error" in row:
         return f"| {label} | failed: {row['error']} |" + " |" * 12
@@ -44,7 +46,7 @@ def _row(row: dict[str, Any], base: dict[str, Any] | None) -> str:
         f"{row['bits_per_weight']:.2f}",
         f"{row['quant_seconds']:.2f}",
         f"{tps:.1f}",
-        _ratio(tps, base and base["decode"]["tokens_per_second"]),
+        _ratio(tps, row["float_decode_same_process"]["tokens_per_second"]),
         _mib(row["peak_rss_bytes"]),
         _mib(row["quant_peak_over_float_bytes"]),
     ]
@@ -66,9 +68,10 @@ def conditions(rows: list[dict[str, Any]]) -> str:
         f"WikiText-2 test: first {first['tokens']} tokens in {first['windows']} non-overlapping "
         f"windows of {first['window']} ({first['predictions']} predictions). Decode: greedy, "
         f"batch 1, {decode['prompt_tokens']}-token prompt, {decode['new_tokens']} new tokens, "
-        f"best of {decode['repeats']}, {decode['threads']} threads. KL is KL(float32 ‖ variant) "
-        "per predicted token; peak RSS is the serving peak (decode plus one window) of a "
-        "process holding only that variant."
+        f"best of {decode['repeats']}, {decode['threads']} threads. decode ×float is "
+        "against float32 timed in turns with the variant in the same process. KL is "
+        "KL(float32 ‖ variant) per predicted token; peak RSS is the serving peak "
+        "(decode plus one window) of a process holding only that variant."
     )
 
 

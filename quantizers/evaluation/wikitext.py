@@ -8,7 +8,6 @@ text. Reproducing that exactly is what makes our figures comparable with theirs.
 
 from __future__ import annotations
 
-import os
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -16,20 +15,13 @@ from typing import Any
 
 import torch
 
+from quantizers.calibration import data_dir
+
 WIKITEXT_RELATIVE = Path("wikitext-2-raw") / "wiki.test.raw"
 
 
 class EvaluationDataError(FileNotFoundError):
     """The evaluation text is missing or empty; the message names the path."""
-
-
-def data_dir() -> Path:
-    """The shared read-only data directory: `QUANTSERVE_DATA_DIR`, else
-    `<repo>/../shared/data` (data is never copied into the repository)."""
-    override = os.environ.get("QUANTSERVE_DATA_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def wikitext_path() -> Path:

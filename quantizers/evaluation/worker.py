@@ -6,11 +6,13 @@ with a method), and records, in this order:
 
 1. quantisation time and the RSS peak above the loaded float model while
    quantising (the library promises about one float layer plus the result);
-2. decode tokens/s at batch 1 and the serving peak RSS (decode plus one
-   evaluation window's forward), measured before anything else is loaded;
+2. the serving peak RSS (a greedy decode plus one evaluation window's
+   forward), measured before anything else is loaded;
 3. perplexity, KL and top-1 against the float model, which is loaded again
    only now so it cannot inflate the peak of step 2;
-4. weight bytes and bits per weight.
+4. decode tokens/s at batch 1, timed in turns with that float model, so the
+   speed ratio holds even when neighbours load the machine;
+5. weight bytes and bits per weight.
 
 A QuantizationError is recorded as the variant's error instead of a crash, so
 one method that cannot run here does not sink the whole table.
@@ -37,7 +39,7 @@ from quantizers.evaluation.memory import (
 )
 from quantizers.evaluation.perplexity import split_windows, window_logits
 from quantizers.evaluation.size import linear_weight_counts, size_report
-from quantizers.evaluation.speed import decode_speed
+from quantizers.evaluation.speed import decode_speeds, greedy_decode
 from quantizers.evaluation.variants import BF16, FLOAT32
 from quantizers.evaluation.wikitext import wikitext_tokens
 from quantizers.loading import load_model
@@ -53,7 +55,7 @@ class WorkerSpec:
     limit_tokens: int | None
     window: int
     calibration: dict[str, Any]
-    decode_tokens: int = 64
+    decode_tokens: int = 32
     decode_prompt_tokens: int = 32
     decode_repeats: int = 3
     threads: int | None = None
@@ -80,15 +82,39 @@ def _quantize(lm: Any, spec: WorkerSpec) -> dict[str, Any] | None:
     return quantize(lm.model, spec.method, spec.config, calibration=batches).to_dict()
 
 
+def _log(phase: str, since: float) -> float:
+    now = time.perf_counter()
+    print(f"[eval worker] {phase}: {now - since:.1f} s", file=sys.stderr, flush=True)
+    return now
+
+
+def _load_resident(snapshot: str) -> Any:
+    """Load the float snapshot with every tensor in private memory.
+
+    safetensors loads may leave tensors backed by the memory-mapped file, whose
+    pages only become resident when first touched; the quantised variant would
+    then seem to cost more than the float model it came from. A copy gives the
+    same resident footprint as loading from the GGUF, where tensors are
+    dequantised into fresh memory.
+    """
+    lm = load_model(snapshot, dtype=torch.float32)
+    with torch.no_grad():
+        for tensor in [*lm.model.parameters(), *lm.model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return lm
+
+
 def measure(spec: WorkerSpec) -> dict[str, Any]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    lm = load_model(spec.snapshot, dtype=torch.float32)
+    clock = time.perf_counter()
+    lm = _load_resident(spec.snapshot)
     linear_counts = linear_weight_counts(lm.model)
     params = lm.param_count
     ids = wikitext_tokens(lm.tokenizer, spec.limit_tokens)
     first_window = split_windows(ids, spec.window)[0]
     prompt = ids[: spec.decode_prompt_tokens].unsqueeze(0)
+    clock = _log("load", clock)
 
     release_free_memory()
     float_rss = current_rss_bytes()
@@ -97,15 +123,21 @@ def measure(spec: WorkerSpec) -> dict[str, Any]:
     report = _quantize(lm, spec)
     quant_seconds = time.perf_counter() - start
     quant_peak = peak_rss_bytes() if peak_supported else None
+    clock = _log("quantise", clock)
 
     release_free_memory()
     reset_peak_rss()
-    speed = decode_speed(lm.model, prompt, spec.decode_tokens, spec.decode_repeats)
+    greedy_decode(lm.model, prompt, spec.decode_tokens)
     window_logits(lm.model, first_window)
     serving_peak = peak_rss_bytes() if peak_supported else None
+    clock = _log("serving peak", clock)
 
-    base = lm if spec.method == FLOAT32 else load_model(spec.snapshot, dtype=torch.float32)
+    base = lm if spec.method == FLOAT32 else _load_resident(spec.snapshot)
     quality = compare(base.model, lm.model, ids, spec.window)
+    clock = _log("quality", clock)
+    pair = [lm.model] if base is lm else [lm.model, base.model]
+    speeds = decode_speeds(pair, prompt, spec.decode_tokens, spec.decode_repeats)
+    _log("decode speed", clock)
     size = size_report(lm.model, linear_counts, params)
     return {
         "method": spec.method,
@@ -113,7 +145,8 @@ def measure(spec: WorkerSpec) -> dict[str, Any]:
         **quality.to_dict(),
         **size.to_dict(),
         "quant_seconds": quant_seconds,
-        "decode": speed.to_dict(),
+        "decode": speeds[0].to_dict(),
+        "float_decode_same_process": speeds[-1].to_dict(),
         "peak_rss_bytes": serving_peak,
         "float_rss_bytes": float_rss,
         "quant_peak_over_float_bytes": _difference(quant_peak, float_rss),
