@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -73,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         print(f"quantserve: invalid setting {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"quantserve: invalid setting: {exc}", file=sys.stderr)
         return 2
     try:
         resolve_model_path(settings.model)

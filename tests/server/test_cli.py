@@ -1,0 +1,70 @@
+"""The `quantserve` command's own behaviour: help, and one-line start-up failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings
+from tests.helpers.server_process import REPO_ROOT
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=120, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("command", ["serve", "eval"])
+def test_help_documents_every_command(command: str) -> None:
+    out = _cli(command, "--help")
+    assert out.returncode == 0
+    assert "usage: quantserve " + command in out.stdout
+
+
+def test_serve_help_names_the_environment_variables() -> None:
+    text = _cli("serve", "--help").stdout
+    for var in ("QUANTSERVE_MODEL", "QUANTSERVE_PORT", "QUANTSERVE_QUANTIZE",
+                "QUANTSERVE_QUANTIZE_CONFIG", "QUANTSERVE_ADMIN_TOKEN"):
+        assert var in text
+
+
+def test_missing_model_fails_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    out = _cli("serve", "--model", str(missing), "--port", "0")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert str(missing) in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_unreadable_model_file_fails_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"not a model")
+    out = _cli("serve", "--model", str(bad), "--port", "0")
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_setting_fails_with_one_line() -> None:
+    out = _cli("serve", "--port", "0", env={"QUANTSERVE_QUANTIZE_CONFIG": "{not json"})
+    assert out.returncode == 2
+    assert "quantize_config" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import build_parser, settings_from_args
+
+    monkeypatch.setenv("QUANTSERVE_PORT", "9001")
+    monkeypatch.setenv("QUANTSERVE_MAX_BATCH", "3")
+    args = build_parser().parse_args(["serve", "--port", "9002"])
+    settings: Settings = settings_from_args(args, ["port", "max_batch"])
+    assert settings.port == 9002
+    assert settings.max_batch == 3
+    assert settings.host == "127.0.0.1"  # binds loopback unless told otherwise
