@@ -1,0 +1,159 @@
+"""A lean forward pass for Llama-family models over a slot-based static KV cache.
+
+transformers' `generate` pays for generality on every token: cache objects,
+mask construction, output dataclasses and hooks across 30 small layers. On a
+2-core CPU that per-token overhead, not arithmetic, bounds decode speed. This
+runner calls the model's own modules (so quantised drop-in replacements of
+`nn.Linear` run their low-bit kernels) but does the bookkeeping itself:
+
+* the KV cache is allocated once, `[max_batch, kv_heads, max_seq_len, head_dim]`
+  per layer, and a running sequence owns one slot;
+* running sequences always occupy slots `0..n-1`, so a decode step attends over a
+  *view* of the cache and never gathers it;
+* rotary tables and the attention mask are computed once per step, not per layer;
+* grouped-query attention at decode folds the query heads that share a KV head
+  into the query-length axis, so keys are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture does not have the layer layout this runner expects."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaRunner:
+    """Runs prefill and batched decode for one model with its own KV cache."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int) -> None:
+        config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model type {getattr(config, 'model_type', None)!r} is not supported; "
+                f"supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model
+        body = model.model
+        self.layers = list(body.layers)
+        self.embed = body.embed_tokens
+        self.final_norm = body.norm
+        self.lm_head = model.lm_head
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        )
+        self.group = self.num_heads // self.num_kv_heads
+        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.dtype = body.embed_tokens.weight.dtype
+        self.device = body.embed_tokens.weight.device
+        shape = (max_batch, self.num_kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = [self._empty(shape) for _ in self.layers]
+        self.v_cache = [self._empty(shape) for _ in self.layers]
+        positions = torch.arange(max_seq_len, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            cos, sin = body.rotary_emb(probe, positions)
+        self.cos = cos[0].to(self.dtype)
+        self.sin = sin[0].to(self.dtype)
+        self.batch_index = torch.arange(max_batch, device=self.device)
+        self.key_positions = torch.arange(max_seq_len, device=self.device)
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        per_layer = self.k_cache[0].numel() * self.k_cache[0].element_size()
+        return 2 * per_layer * len(self.layers)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache from slot `src` to `dst` (keeps slots dense)."""
+        for k, v in zip(self.k_cache, self.v_cache, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        mlp = layer.mlp
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(hidden)).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run a prompt through the model into cache slot `slot`.
+
+        Returns float32 logits `[T, vocab]` when `all_logits` (prompt logprobs)
+        else `[1, vocab]` for the last position only, sparing the vocab
+        projection of every other prompt token.
+        """
+        length = len(token_ids)
+        ids = torch.tensor([token_ids], device=self.device)
+        x = self.embed(ids)
+        cos = self.cos[:length][None, None]
+        sin = self.sin[:length][None, None]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache[slot, :, :length] = k[0]
+            v_cache[slot, :, :length] = v[0]
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.group > 1
+            )
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, length, -1))
+            x = x + self._mlp(layer, layer.post_attention_layernorm(x))
+        hidden = x[0] if all_logits else x[0, -1:]
+        return self._logits(hidden)
+
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for the sequences in slots `0..B-1`.
+
+        `token_ids` and `positions` are `[B]` long tensors: each sequence's
+        newest token and the cache position it goes to. Returns float32 logits
+        `[B, vocab]`.
+        """
+        batch = token_ids.shape[0]
+        span = int(positions.max()) + 1
+        rows = self.batch_index[:batch]
+        cos = self.cos[positions][:, None]
+        sin = self.sin[positions][:, None]
+        mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
+        x = self.embed(token_ids)
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(batch, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(batch, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(batch, self.num_kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache[rows, :, positions] = k
+            v_cache[rows, :, positions] = v
+            q = q.view(batch, self.num_kv_heads, self.group, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q, k_cache[:batch, :, :span], v_cache[:batch, :, :span],
+                attn_mask=mask, scale=self.scaling,
+            )
+            x = x + attn.o_proj(out.reshape(batch, -1))
+            x = x + self._mlp(layer, layer.post_attention_layernorm(x))
+        return self._logits(x)
