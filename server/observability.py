@@ -68,10 +68,26 @@ def _request_id_from(scope: Scope) -> str:
 
 
 def _route_template(scope: Scope) -> str:
-    """The matched route's path template; raw paths would make unbounded label sets."""
+    """The matched route's full path template; raw paths would make unbounded label sets.
+
+    Recent FastAPI keeps a route of an included router under its own path
+    (`/completions`) and matches the include prefix (`/v1`) separately, so
+    the prefix is recovered as the part of the request path before the
+    route's own pattern matches.
+    """
     route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED_ROUTE
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED_ROUTE
+    pattern = getattr(route, "path_regex", None)
+    path = scope.get("path", "")
+    path = path.removeprefix(scope.get("root_path", "")) or path
+    if pattern is None or pattern.match(path):
+        return template
+    for start, char in enumerate(path):
+        if char == "/" and pattern.match(path[start:]):
+            return path[:start] + template
+    return template
 
 
 def _timings_for_log(timings: Any) -> Any:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
@@ -31,6 +31,13 @@ def _finish(e2e_s: float, completion: int) -> Finish:
 def _app() -> FastAPI:
     app = FastAPI()
     install_observability(app)
+    versioned = APIRouter()
+
+    @versioned.post("/things/{name}")
+    def thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    app.include_router(versioned, prefix="/v9")
 
     @app.get("/items/{item_id}")
     def item(item_id: int, request: Request) -> dict[str, object]:
@@ -109,6 +116,7 @@ def test_http_histogram_uses_route_templates_and_status(client: TestClient) -> N
         client.get(f"/items/{item}")
     client.get("/items/not-a-number")
     client.get("/no/such/path/123")
+    client.post("/v9/things/abc")
     after = samples(client.get("/metrics").text)
 
     def moved(route: str, status: str) -> float:
@@ -119,6 +127,9 @@ def test_http_histogram_uses_route_templates_and_status(client: TestClient) -> N
     assert moved("/items/{item_id}", "200") == 3
     assert moved("/items/{item_id}", "422") == 1
     assert moved("unmatched", "404") == 1
+    name = "quantserve_http_request_duration_seconds_count"
+    labels = {"route": "/v9/things/{name}", "method": "POST", "status": "200"}
+    assert value(after, name, **labels) - value(before, name, **labels) == 1
     assert not any(("route", "/items/1") in labels for _, labels in after)
 
 
