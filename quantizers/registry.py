@@ -226,6 +226,7 @@ class QuantContext:
         """Swap module `name` for its quantised version and record it in the report."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        module.train(getattr(parent, child).training)
         setattr(parent, child, module)
         describe = getattr(module, "describe", None)
         details = describe() if callable(describe) else {}

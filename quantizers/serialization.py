@@ -27,23 +27,26 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
     """Every tensor needed to rebuild `model` (tied tensors once) and the plan.
 
     Non-persistent buffers of the architecture (rotary inverse frequencies)
-    are included so that a meta-device skeleton needs nothing recomputed; those
-    of runtime modules are derived from their other tensors and left out.
+    are included so that a meta-device skeleton needs nothing recomputed;
+    runtime modules contribute what their `state_tensors()` hook returns.
     """
     runtime = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, QuantizedLinear)
     }
-    derived = {
-        f"{name}.{buffer}"
+    inside_runtime = {
+        f"{name}.{key}"
         for name, module in runtime.items()
-        for buffer in module._non_persistent_buffers_set
+        for key, _ in [*module.named_parameters(), *module.named_buffers()]
     }
     tensors: dict[str, Tensor] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name not in derived:
+        if name not in inside_runtime:
             tensors[name] = tensor.detach().contiguous()
+    for name, module in runtime.items():
+        for key, tensor in module.state_tensors().items():
+            tensors[f"{name}.{key}"] = tensor.detach().contiguous()
     modules = {
         name: {"kind": type(module).__name__, **module.describe()}
         for name, module in runtime.items()
@@ -87,6 +90,16 @@ def _set_tensor(model: nn.Module, name: str, tensor: Tensor) -> None:
         raise QuantizationError(f"artifact tensor '{name}' has no place in the model")
 
 
+def _runtime_owner(key: str, owners: Mapping[str, Any]) -> str | None:
+    """The runtime module name that `key` lives under, if any (nearest first)."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in owners:
+            return prefix
+    return None
+
+
 def build_from_state(
     hf_config: Any, tensors: Mapping[str, Tensor], plan: Mapping[str, Any]
 ) -> nn.Module:
@@ -108,11 +121,11 @@ def build_from_state(
     own: dict[str, dict[str, Tensor]] = {name: {} for name in entries}
     rest: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
-        prefix, _, attr = key.rpartition(".")
-        if prefix in own:
-            own[prefix][attr] = tensor
-        else:
+        owner = _runtime_owner(key, own)
+        if owner is None:
             rest[key] = tensor
+        else:
+            own[owner][key[len(owner) + 1 :]] = tensor
     for name, entry in entries.items():
         kind = RUNTIME_KINDS.get(str(entry.get("kind")))
         if kind is None:

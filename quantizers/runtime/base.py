@@ -46,6 +46,20 @@ class QuantizedLinear(nn.Module):
             "bias": self.bias is not None,
         }
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The tensors from_state() needs, by name relative to this module.
+
+        Default: parameters and persistent buffers (non-persistent ones are
+        derived). Modules wrapping a library with its own state layout override it.
+        """
+        tensors = {n: t for n, t in self.named_parameters()}
+        for name, buffer in self.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            if attr not in module._non_persistent_buffers_set:
+                tensors[name] = buffer
+        return tensors
+
     @classmethod
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
         """Rebuild from describe() output and this module's state tensors."""
