@@ -26,6 +26,7 @@ from quantizers.evaluation.markdown import replace_section
 from quantizers.evaluation.plot import write_plot
 from quantizers.evaluation.snapshot import write_snapshot
 from quantizers.evaluation.table import conditions, render_table
+from quantizers.evaluation.targets import check_targets, render_verdicts
 from quantizers.evaluation.variants import (
     Variant,
     VariantSpecError,
@@ -102,6 +103,11 @@ def _document(rows: list[dict[str, Any]], args: argparse.Namespace, command: str
         conditions(rows),
         "",
         render_table(rows),
+        "",
+        "Targets of the quantizers and smarter-quantisation issues, judged on this run "
+        "(ratios against float32; decode against float32 in the same process):",
+        "",
+        render_verdicts(check_targets(rows)),
     ]
     if args.plot is not None and args.output_md is not None:
         relative = os.path.relpath(args.plot, args.output_md.parent)
