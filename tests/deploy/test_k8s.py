@@ -13,11 +13,15 @@ K8S = Path("deploy/k8s")
 
 @pytest.fixture(scope="module")
 def resources(repo: Path) -> dict[str, dict[str, Any]]:
+    """Kind -> the resource of that kind; PersistentVolumeClaims by name."""
     kustomization = yaml.safe_load((repo / K8S / "kustomization.yaml").read_text())
-    by_kind: dict[str, dict[str, Any]] = {}
+    by_kind: dict[str, Any] = {"PersistentVolumeClaim": {}}
     for name in kustomization["resources"]:
-        doc = yaml.safe_load((repo / K8S / name).read_text())
-        by_kind[doc["kind"]] = doc
+        for doc in yaml.safe_load_all((repo / K8S / name).read_text()):
+            if doc["kind"] == "PersistentVolumeClaim":
+                by_kind["PersistentVolumeClaim"][doc["metadata"]["name"]] = doc
+            else:
+                by_kind[doc["kind"]] = doc
     return by_kind
 
 
@@ -37,14 +41,23 @@ def test_probes_gpu_and_non_root(resources: dict) -> None:
     assert pod["securityContext"]["runAsUser"] == 10001
 
 
-def test_replicas_share_the_artifact_cache(resources: dict) -> None:
-    claim = resources["PersistentVolumeClaim"]
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+def _claim_mounts(resources: dict) -> dict[str, dict[str, Any]]:
+    """Claim name -> its volumeMount in the quantserve container."""
     pod = resources["Deployment"]["spec"]["template"]["spec"]
-    volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
-    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
-    assert mount["mountPath"] == resources["ConfigMap"]["data"]["QUANTSERVE_CACHE_DIR"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    return {v["persistentVolumeClaim"]["claimName"]: mounts[v["name"]]
+            for v in pod["volumes"] if "persistentVolumeClaim" in v}
+
+
+def test_replicas_share_the_artifact_cache(resources: dict) -> None:
+    claims = resources["PersistentVolumeClaim"]
+    mounts = _claim_mounts(resources)
+    assert set(mounts) == set(claims)
+    cache = mounts["quantserve-artifacts"]
+    assert claims["quantserve-artifacts"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert cache["mountPath"] == resources["ConfigMap"]["data"]["QUANTSERVE_CACHE_DIR"]
+    assert not cache.get("readOnly", False)
+    assert mounts["quantserve-data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
 
 
 def test_drain_fits_in_the_termination_grace_period(resources: dict) -> None:
