@@ -64,12 +64,18 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def context_window(loaded: LoadedModel, settings: Settings) -> int:
+    """Tokens one sequence may hold: the model's context, capped by the engine's
+    pre-allocated KV cache (QUANTSERVE_MAX_BATCH_TOKENS positions per sequence)."""
+    return min(loaded.context_length, settings.max_batch_tokens)
+
+
 def check_length(
     prompt_tokens: int, max_tokens: int, loaded: LoadedModel, settings: Settings,
     *, prompt_param: str,
 ) -> None:
     """Prompt + completion must fit the context window and the operator's cap."""
-    context = loaded.context_length
+    context = context_window(loaded, settings)
     if prompt_tokens >= context:
         raise APIError(
             400,

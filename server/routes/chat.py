@@ -14,6 +14,7 @@ from server.request_params import (
     check_common,
     check_length,
     check_model,
+    context_window,
     new_id,
     sampling_params,
     unsupported,
@@ -101,7 +102,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise unsupported("response_format", "only response_format type 'text' is supported")
     prompt_ids = render_prompt(body.messages, loaded)
     requested = body.max_completion_tokens or body.max_tokens
-    room = loaded.context_length - len(prompt_ids)
+    room = context_window(loaded, settings) - len(prompt_ids)
     max_tokens = requested or max(1, min(room, settings.max_completion_tokens))
     check_length(len(prompt_ids), max_tokens, loaded, settings, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

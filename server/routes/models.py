@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from quantizers.loading import LoadedModel
+from server.request_params import context_window
 from server.routes.responding import ERROR_RESPONSES
 from server.schemas.openai import ModelCard, ModelList
 
 router = APIRouter()
 
 
-def model_card(loaded: LoadedModel, created: int) -> ModelCard:
+def model_card(loaded: LoadedModel, created: int, context_length: int) -> ModelCard:
     return ModelCard(
         id=loaded.model_id,
         created=created,
@@ -20,7 +21,7 @@ def model_card(loaded: LoadedModel, created: int) -> ModelCard:
         dtype=str(loaded.dtype).removeprefix("torch."),
         parameters=loaded.param_count,
         weight_bytes=loaded.weight_bytes,
-        context_length=loaded.context_length,
+        context_length=context_length,
         quality=loaded.metadata.get("quality"),
     )
 
@@ -28,5 +29,6 @@ def model_card(loaded: LoadedModel, created: int) -> ModelCard:
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES,
             summary="List the served model")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[model_card(request.app.state.engine.loaded,
-                                      request.app.state.started_at)])
+    loaded = request.app.state.engine.loaded
+    window = context_window(loaded, request.app.state.settings)
+    return ModelList(data=[model_card(loaded, request.app.state.started_at, window)])
