@@ -18,7 +18,11 @@ from quantizers.errors import ConfigError
 from quantizers.packing import INT4_MID
 from quantizers.primitives import (
     asymmetric_params,
+    dequantize_per_channel,
+    dequantize_per_group,
     pad_to_multiple,
+    quantize_per_channel_symmetric,
+    quantize_per_group_asymmetric,
     quantize_to_grid,
     symmetric_qmax,
 )
@@ -79,6 +83,18 @@ def int_grid(bits: int, group_size: int | None) -> ColumnGrid:
     if bits == 8:
         return ColumnGrid(bits=8, group_size=None, symmetric=True)
     return ColumnGrid(bits=bits, group_size=group_size, symmetric=False)
+
+
+def rtn_weight(weight: Tensor, bits: int, group_size: int) -> Tensor:
+    """Round-to-nearest on the grid served at this width, dequantised to [N, K] float32.
+
+    The baseline every smarter method is compared against, on the same grid.
+    """
+    if bits == 8:
+        return dequantize_per_channel(*quantize_per_channel_symmetric(weight, 8))
+    padded = pad_to_multiple(weight.detach().float(), group_size, dim=1)
+    q, scale, zero = quantize_per_group_asymmetric(padded, bits, group_size)
+    return dequantize_per_group(q, scale, zero, group_size)[:, : weight.shape[1]]
 
 
 def _as_kernel_param(value: Tensor) -> Tensor:

@@ -25,16 +25,9 @@ from quantizers.methods.block_walk import (
     run_block,
     stack_batches,
 )
-from quantizers.methods.column_grid import int_grid
+from quantizers.methods.column_grid import int_grid, rtn_weight
 from quantizers.methods.gptq_solver import GPTQSolution, gptq_quantize
 from quantizers.methods.hessian import HessianRecorder, output_error
-from quantizers.primitives import (
-    dequantize_per_channel,
-    dequantize_per_group,
-    pad_to_multiple,
-    quantize_per_channel_symmetric,
-    quantize_per_group_asymmetric,
-)
 from quantizers.registry import (
     LayerTarget,
     MethodConfig,
@@ -98,15 +91,6 @@ def check_calibration(batches: Sequence[Tensor], targets: Sequence[LayerTarget])
             "calibration",
         )
     return tokens
-
-
-def rtn_weight(weight: Tensor, bits: int, group_size: int) -> Tensor:
-    """Round-to-nearest on the same grid, the baseline GPTQ's error is reported against."""
-    if bits == 8:
-        return dequantize_per_channel(*quantize_per_channel_symmetric(weight, 8))
-    padded = pad_to_multiple(weight.float(), group_size, dim=1)
-    q, scale, zero = quantize_per_group_asymmetric(padded, 4, group_size)
-    return dequantize_per_group(q, scale, zero, group_size)[:, : weight.shape[1]]
 
 
 def runtime_module(

@@ -1,0 +1,213 @@
+"""Mixed precision: budgets are met, sensitive layers get the bits, the plan round-trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from quantizers.errors import ConfigError
+from quantizers.methods.bit_allocation import Allocator, BudgetUnreachable, LayerOption
+from quantizers.methods.column_grid import rtn_weight
+from quantizers.methods.sensitivity import fisher_sensitivities, measured_kl
+from quantizers.registry import quantize
+from quantizers.runtime.int4 import Int4WeightOnlyLinear
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
+
+from .conftest import tiny_llama_config
+
+SENSITIVE = "model.layers.1.mlp.down_proj"
+
+
+def fresh_model(outlier: bool = False) -> LlamaForCausalLM:
+    """The tiny Llama; with `outlier`, one layer gets an outlier input column that
+    ruins its int4 groups (the situation mixed precision exists for)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    if outlier:
+        with torch.no_grad():
+            model.get_submodule(SENSITIVE).weight[:, 3] *= 40.0
+    return model
+
+
+def calibration(count: int = 8, length: int = 48) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 256, (1, length), generator=gen) for _ in range(count)]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+
+
+def test_fisher_estimate_tracks_the_measured_kl_of_each_layer() -> None:
+    model = fresh_model(outlier=True)
+    batches = calibration(16, 64)
+    names = linear_names(model)
+    deltas = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach().float()
+        deltas[name] = {4: rtn_weight(weight, 4, 32) - weight}
+    estimates = fisher_sensitivities(model, batches, deltas)
+
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        reference = model(ids).logits
+    for name in names:
+        layer = model.get_submodule(name)
+        original = layer.weight.data.clone()
+        layer.weight.data = original + deltas[name][4]
+        with torch.no_grad():
+            measured = measured_kl(reference, model(ids).logits)
+        layer.weight.data = original
+        assert measured / 3 < estimates[name][4] < measured * 3, name
+
+
+def test_memory_budget_is_met_and_sensitive_layers_get_more_bits() -> None:
+    model = fresh_model(outlier=True)
+    report = quantize(
+        model, "mixed", {"target_bits_per_weight": 6.0, "group_size": 32}, calibration=calibration()
+    )
+    plan = report.extra["mixed"]["plan"]
+    assert report.bits_per_weight <= 6.0
+    assert sorted(plan) == sorted(linear_names(fresh_model()))
+    assert set(plan.values()) > {4}
+    int4_loss = {n: float(s["4"]) for n, s in report.extra["mixed"]["sensitivity"].items()}
+    wider = [int4_loss[n] for n, bits in plan.items() if bits > 4]
+    narrow = [int4_loss[n] for n, bits in plan.items() if bits == 4]
+    assert sum(wider) / len(wider) > 2 * sum(narrow) / len(narrow)
+    for name, bits in plan.items():
+        kind = {4: Int4WeightOnlyLinear, 8: Int8WeightOnlyLinear, 16: nn.Linear}[bits]
+        assert type(model.get_submodule(name)) is kind
+    sensitivity = report.extra["mixed"]["sensitivity"][SENSITIVE]
+    assert sensitivity["4"] > sensitivity["8"] > 0
+
+
+def test_byte_budget_is_met_exactly_as_reported() -> None:
+    model = fresh_model()
+    budget = 120_000
+    report = quantize(
+        model, "mixed", {"max_weight_bytes": budget, "group_size": 32}, calibration=calibration()
+    )
+    stored = sum(
+        t.numel() * t.element_size()
+        for name in report.layers
+        for t in [*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()]
+    )
+    assert stored == report.extra["mixed"]["planned_bytes"] <= budget
+
+
+def test_mixed_beats_the_line_between_int4_and_int8(tiny_tokens: torch.Tensor) -> None:
+    """At a budget between uniform int4 and int8, mixed's KL lies below their chord."""
+    reference_model = fresh_model(outlier=True)
+    with torch.no_grad():
+        reference = reference_model(tiny_tokens).logits
+    points = {}
+    for method, config in (
+        ("int4", {"group_size": 32}),
+        ("int8", {}),
+        ("mixed", {"target_bits_per_weight": 6.0, "group_size": 32, "widths": [4, 8]}),
+    ):
+        model = fresh_model(outlier=True)
+        report = quantize(model, method, config, calibration=calibration())
+        with torch.no_grad():
+            kl = measured_kl(reference, model(tiny_tokens).logits)
+        points[method] = (report.bits_per_weight, kl)
+    (b4, kl4), (b8, kl8), (bm, klm) = points["int4"], points["int8"], points["mixed"]
+    assert b4 < bm < b8
+    assert klm <= kl4 + (kl8 - kl4) * (bm - b4) / (b8 - b4)
+
+
+def test_quality_budget_takes_the_fewest_bytes_that_fit() -> None:
+    loose = quantize(
+        fresh_model(outlier=True),
+        "mixed",
+        {"max_ppl_increase_pct": 50.0, "group_size": 32},
+        calibration=calibration(),
+    )
+    tight = quantize(
+        fresh_model(outlier=True),
+        "mixed",
+        {"max_ppl_increase_pct": 0.001, "group_size": 32},
+        calibration=calibration(),
+    )
+    assert set(loose.extra["mixed"]["plan"].values()) == {4}
+    assert tight.extra["mixed"]["estimated_ppl_increase_pct"] <= 0.001
+    assert tight.bits_per_weight > loose.bits_per_weight
+
+
+def test_the_reported_plan_passed_back_reproduces_it_without_calibration() -> None:
+    first = quantize(
+        fresh_model(outlier=True),
+        "mixed",
+        {"target_bits_per_weight": 6.0, "group_size": 32},
+        calibration=calibration(),
+    )
+    again = quantize(
+        fresh_model(outlier=True),
+        "mixed",
+        {
+            "target_bits_per_weight": 6.0,
+            "group_size": 32,
+            "overrides": first.extra["mixed"]["overrides"],
+        },
+    )
+    assert again.extra["mixed"]["plan"] == first.extra["mixed"]["plan"]
+    assert again.bits_per_weight == first.bits_per_weight
+
+
+@pytest.mark.parametrize(
+    ("config", "param", "closest"),
+    [
+        ({"target_bits_per_weight": 3.0}, "target_bits_per_weight", "bits per weight"),
+        ({"max_weight_bytes": 1000}, "max_weight_bytes", "bytes"),
+        ({"max_ppl_increase_pct": 0.0, "widths": [4, 8]}, "max_ppl_increase_pct", "increase"),
+    ],
+)
+def test_unreachable_budget_names_the_closest_plan(
+    config: dict[str, object], param: str, closest: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        quantize(fresh_model(), "mixed", config, calibration=calibration())
+    assert caught.value.param == param
+    assert "closest plan" in caught.value.message and closest in caught.value.message
+
+
+def test_a_budget_is_required() -> None:
+    with pytest.raises(ConfigError) as caught:
+        quantize(fresh_model(), "mixed", {}, calibration=calibration())
+    assert caught.value.param == "target_bits_per_weight"
+
+
+def test_allocator_matches_brute_force_on_a_small_problem() -> None:
+    gen = torch.Generator().manual_seed(0)
+    options = {}
+    for i in range(6):
+        loss4, loss8 = torch.rand(2, generator=gen).sort(descending=True).values.tolist()
+        options[f"l{i}"] = [
+            LayerOption(4, 100 + 10 * i, loss4),
+            LayerOption(8, 200 + 20 * i, loss8 / 10),
+            LayerOption(16, 400 + 40 * i, 0.0),
+        ]
+    allocator = Allocator(options, dict.fromkeys(options, 100))
+    budget = 1900
+    best = min(
+        (
+            (sum(o.loss for o in combo), combo)
+            for combo in _combinations(list(options.values()))
+            if sum(o.bytes for o in combo) <= budget
+        ),
+        key=lambda pair: pair[0],
+    )
+    plan = allocator.best_within(budget)
+    assert plan.bytes <= budget
+    assert plan.loss == pytest.approx(best[0])
+    with pytest.raises(BudgetUnreachable):
+        allocator.best_within(500)
+
+
+def _combinations(layers: list[list[LayerOption]]) -> list[tuple[LayerOption, ...]]:
+    combos: list[tuple[LayerOption, ...]] = [()]
+    for opts in layers:
+        combos = [(*c, o) for c in combos for o in opts]
+    return combos
