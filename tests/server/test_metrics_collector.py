@@ -6,6 +6,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -105,3 +106,21 @@ def test_scrape_without_engine_still_lists_every_family(scrape) -> None:
     names = {name for name, _ in scrape()}
     assert "process_resident_memory_bytes" in names
     assert "quantserve_artifact_cache_hits_total" in names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_memory_gauges_follow_allocations(app: FastAPI, scrape) -> None:
+    loaded = tiny_loaded_model("tiny-cuda")
+    loaded.model.to("cuda:0")
+    app.state.engine = SnapshotEngine(loaded)
+    block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:0")
+    parsed = scrape()
+    allocated = value(parsed, "quantserve_cuda_memory_allocated_bytes", device="cuda:0")
+    assert allocated >= block.numel() + loaded.weight_bytes
+    assert value(parsed, "quantserve_cuda_memory_reserved_bytes", device="cuda:0") >= allocated
+    peak = value(parsed, "quantserve_cuda_memory_peak_allocated_bytes", device="cuda:0")
+    assert peak >= allocated
+    parts = {c: value(parsed, "quantserve_memory_breakdown_bytes", component=c, device="cuda:0")
+             for c in ("weights", "kv_cache", "other")}
+    assert parts["weights"] == loaded.weight_bytes
+    assert sum(parts.values()) == allocated
