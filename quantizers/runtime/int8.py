@@ -1,10 +1,13 @@
 """Int8 weight-only linear: per-channel symmetric int8 weights, bf16 activations.
 
-On CPU the matmul is torch's `_weight_int8pack_mm`, which reads the int8 weight
-directly (a quarter of the float32 bytes), so decode — memory-bound — gets
-faster. CUDA has no such op in torch, so there the int8 weight is cast to the
-activation dtype inside the matmul and the per-channel scale applied after,
-which is exact and still keeps only int8 weights resident.
+On CPU, for few rows (decode), the matmul is torch's `_weight_int8pack_mm`,
+which reads the int8 weight directly (a quarter of the float32 bytes) and is
+2-7x faster than a bfloat16 matmul at one row. Its cost grows linearly with the
+rows, though: from 32 rows on (prefill) it is slower than casting the int8
+weight to bfloat16 in row chunks and running a bfloat16 matmul
+(bench/kernels_bench.py), so that path is taken there. Both give the same
+result up to bfloat16 rounding. CUDA has no int8 weight-only op in torch, so
+there the chunked cast + matmul is always used.
 """
 
 from __future__ import annotations
@@ -17,6 +20,23 @@ from torch import Tensor, nn
 
 from quantizers.primitives import quantize_per_channel_symmetric
 from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix
+
+# Rows from which casting the weight and a bfloat16 matmul beat the int8 kernel
+# on CPU (measured at SmolLM2's shapes); output rows cast per chunk, so the
+# bfloat16 copy of a chunk stays in cache.
+DEQUANT_MIN_ROWS = 32
+DEQUANT_CHUNK = 2048
+
+
+def dequantized_matmul(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """x @ (weight * scale).T with the int8 weight cast chunk by chunk."""
+    if weight.shape[0] <= DEQUANT_CHUNK:
+        return F.linear(x, weight.to(x.dtype)) * scale
+    parts = [
+        F.linear(x, weight[i : i + DEQUANT_CHUNK].to(x.dtype)) * scale[i : i + DEQUANT_CHUNK]
+        for i in range(0, weight.shape[0], DEQUANT_CHUNK)
+    ]
+    return torch.cat(parts, dim=1)
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
@@ -58,8 +78,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and x2.shape[0] < DEQUANT_MIN_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
         else:
-            out = F.linear(x2, self.weight.to(x2.dtype)) * self.scale
+            out = dequantized_matmul(x2, self.weight, self.scale)
         return self._finish(out, lead, x.dtype)

@@ -15,6 +15,7 @@ from quantizers.primitives import (
     quantize_per_group_asymmetric,
 )
 from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quantizers.runtime.int8 import DEQUANT_MIN_ROWS, dequantized_matmul
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,6 +48,21 @@ def test_int8_matches_dequantised_and_float(k: int, n: int) -> None:
     # the 8x columns widen each row's range; int8 + bf16 still stay within 3%
     assert relative_error(out, linear(x)) < 0.03
     assert torch.equal(module.weight, q)
+
+
+@pytest.mark.parametrize(("rows", "n"), [(1, 4100), (DEQUANT_MIN_ROWS, 4100), (64, 96)])
+def test_int8_kernel_and_chunked_dequant_paths_agree(rows: int, n: int) -> None:
+    """Few rows take the int8 kernel, many the chunked cast; both match float."""
+    linear = make_linear(64, n)
+    module = Int8WeightOnlyLinear.from_float(linear)
+    x = torch.randn(rows, 64)
+    q, scale = quantize_per_channel_symmetric(linear.weight)
+    exact = x @ dequantize_per_channel(q, scale).t() + linear.bias
+    assert relative_error(module(x), exact) < 0.01
+    x16 = x.to(torch.bfloat16)
+    kernel = torch.ops.aten._weight_int8pack_mm(x16, module.weight, module.scale)
+    chunked = dequantized_matmul(x16, module.weight, module.scale)
+    assert relative_error(chunked, kernel) < 0.01
 
 
 def test_int8_returns_the_callers_dtype_and_handles_no_bias() -> None:

@@ -1,0 +1,165 @@
+"""Low-bit kernels vs plain float matmul at SmolLM2's linear shapes.
+
+Every runtime module's forward (the path a served model takes) is timed
+against nn.functional.linear in float32 and bfloat16 on the same input, in the
+same process, interleaved, and reported as speed-up ratios (> 1 means the
+kernel is faster), because absolute times on a shared CPU are noise.
+
+    .venv/bin/python bench/kernels_bench.py [--write-docs] [--threads N]
+
+--write-docs replaces the `## Kernels` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quantizers.runtime import (  # noqa: E402 - after the repo root is importable
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    W8A8Linear,
+)
+
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+ROWS = [1, 8, 128]
+SECTION = "## Kernels"
+
+
+def time_call(fn: Callable[[], Tensor], budget_s: float) -> float:
+    """Median seconds per call over rounds of a few calls each."""
+    fn()
+    fn()
+    started = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - started, 1e-6)
+    per_round = max(1, int(budget_s / 5 / once))
+    rounds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        rounds.append((time.perf_counter() - started) / per_round)
+    return statistics.median(rounds)
+
+
+def candidates(linear: nn.Linear) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The raw int8 kernel and every runtime module (which picks its path by rows)."""
+    low, high = -4.0, 4.0
+    int8 = Int8WeightOnlyLinear.from_float(linear)
+    return {
+        "int8 kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x, int8.weight, int8.scale),
+        "int8 module": int8,
+        "int4 g128": Int4WeightOnlyLinear.from_float(linear, 128),
+        "int4 g32": Int4WeightOnlyLinear.from_float(linear, 32),
+        "w8a8 dynamic": W8A8Linear.from_float(linear),
+        "w8a8 static": W8A8Linear.from_float(linear, (low, high)),
+    }
+
+
+def run(budget_s: float) -> list[dict[str, object]]:
+    rows = []
+    torch.manual_seed(0)
+    for k, n in SHAPES:
+        linear = nn.Linear(k, n, bias=False)
+        w32 = linear.weight.detach()
+        w16 = w32.to(torch.bfloat16)
+        modules = candidates(linear)
+        for m in ROWS:
+            x32 = torch.randn(m, k)
+            x16 = x32.to(torch.bfloat16)
+            with torch.no_grad():
+                base32 = time_call(lambda x32=x32, w32=w32: F.linear(x32, w32), budget_s)
+                base16 = time_call(lambda x16=x16, w16=w16: F.linear(x16, w16), budget_s)
+                for name, module in modules.items():
+                    t = time_call(lambda module=module, x16=x16: module(x16), budget_s)
+                    rows.append({
+                        "K": k, "N": n, "M": m, "kernel": name, "us": t * 1e6,
+                        "vs_fp32": base32 / t, "vs_bf16": base16 / t,
+                        "fp32_us": base32 * 1e6, "bf16_us": base16 * 1e6,
+                    })
+                    print(f"K={k} N={n} M={m} {name}: {t * 1e6:.0f} us, "
+                          f"x{base32 / t:.2f} vs fp32, x{base16 / t:.2f} vs bf16", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], command: str) -> str:
+    kernels = list(dict.fromkeys(str(r["kernel"]) for r in rows))
+    lines = [
+        SECTION,
+        "",
+        "Speed-up over `F.linear` on the same input (ratio of median times in one",
+        "process; > 1 = faster than float). Each cell is `vs fp32 / vs bf16`; inputs",
+        "are bfloat16 for the quantised paths. `int8 kernel` is the raw",
+        "`_weight_int8pack_mm`; every other column is a runtime module's forward, i.e.",
+        "the path a served model takes (`int8 module` switches to a chunked",
+        "cast + bf16 matmul from 32 rows, where the raw kernel loses to float).",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| K x N | M | fp32 us | bf16 us | " + " | ".join(kernels) + " |",
+        "|---|---|---|---|" + "---|" * len(kernels),
+    ]
+    keyed = {(r["K"], r["N"], r["M"], r["kernel"]): r for r in rows}
+    for k, n in SHAPES:
+        for m in ROWS:
+            first = keyed[(k, n, m, kernels[0])]
+            cells = [
+                f"{keyed[(k, n, m, name)]['vs_fp32']:.2f} / {keyed[(k, n, m, name)]['vs_bf16']:.2f}"
+                for name in kernels
+            ]
+            lines.append(
+                f"| {k} x {n} | {m} | {first['fp32_us']:.0f} | {first['bf16_us']:.0f} | "
+                + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the `## Kernels` section, leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        tail = text[end + 1 :] if end >= 0 else ""
+        text = text[:start] + section + ("\n" + tail if tail else "")
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join(["bench/kernels_bench.py", *sys.argv[1:]])
+    table = markdown(run(args.budget), command)
+    print(table)
+    if args.write_docs:
+        write_section(ROOT / "docs" / "benchmarks.md", table)
+
+
+if __name__ == "__main__":
+    main()
