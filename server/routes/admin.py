@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from quantizers import ConfigError, MethodUnavailableError, QuantizationError
+from quantizers import MethodUnavailableError, QuantizationError
 from quantizers.loading import LoadedModel
 from server.auth import require_admin
 from server.errors import APIError, ErrorResponse
@@ -33,6 +33,7 @@ from server.schemas.admin import (
 _ERRORS = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
+        400: "The body is not valid JSON (or not UTF-8)",
         401: "No admin token sent",
         403: "Wrong admin token",
         404: "Unknown id, or the admin API is disabled (no admin token configured)",
@@ -80,10 +81,12 @@ def _not_serving(exc: NotServing) -> APIError:
 )
 def start_quantization(body: QuantizeRequest, request: Request) -> JSONResponse:
     jobs = _jobs(request)
-    calibration = body.calibration.to_config() if body.calibration else None
+    if request.app.state.engine is None:
+        raise _not_serving(NotServing("the model is still loading"))
     try:
+        calibration = body.calibration.to_config() if body.calibration else None
         spec = jobs.resolve(body.method, body.config, calibration)
-    except (ConfigError, MethodUnavailableError) as exc:
+    except QuantizationError as exc:
         raise _config_error(exc) from exc
     artifact = jobs.cached(spec)
     if artifact is not None:
