@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# This machine's pip config points at local wheel folders; pip warns about every
+# package missing from them. Those warnings say nothing about the install.
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # torch first and pinned, so that nothing pulls a multi-GB CUDA build on a CPU host.
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test,plot]"
