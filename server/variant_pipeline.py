@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from quantizers import QuantizationCancelled, get_method, quantize
+from quantizers import ConfigError, QuantizationCancelled, get_method, quantize
 from quantizers.artifacts import (
     Artifact,
     ArtifactStore,
@@ -84,7 +84,11 @@ def resolve_spec(
     entry = get_method(method)
     canonical = entry.make_config(config or {}).to_dict()
     calibration_part = _calibration_part(calibration)
-    key = artifact_key(base.source_hash, method, canonical, calibration_part, PLAN_FORMAT)
+    try:
+        key = artifact_key(base.source_hash, method, canonical, calibration_part, PLAN_FORMAT)
+    except ValueError as exc:
+        raise ConfigError(f"config must be plain JSON (no NaN or Infinity): {exc}",
+                          "config") from exc
     return VariantSpec(method=method, config=canonical, calibration=calibration, key=key)
 
 
