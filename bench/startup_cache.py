@@ -30,7 +30,7 @@ TOKEN = "bench-admin-token"
 CONFIGS: dict[str, dict[str, Any]] = {
     "int8": {},
     "int4": {"group_size": 128},
-    "gptq": {"group_size": 128, "calibration": {"dataset": "tinyshakespeare", "samples": 32,
+    "gptq": {"group_size": 128, "calibration": {"dataset": "tinyshakespeare", "samples": 16,
                                                 "seq_len": 256}},
 }
 
