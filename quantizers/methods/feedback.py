@@ -1,0 +1,221 @@
+"""`feedback`: refine any method's int4/int8 result by measuring its error and
+adjusting its grids, for a bounded number of rounds.
+
+Round 0 is the starting method's result (RTN int4 by default). Each round
+measures every quantised layer's input-weighted output error and the model's
+end-to-end KL divergence from the float model on calibration batches, then
+moves each layer's per-group (int4) or per-channel (int8) scales and clipping
+ranges one Lloyd step towards lower output error
+(quantizers.methods.grid_refinement). Rounds stop when the KL stops falling;
+the model keeps the round with the lowest KL, so the result is never worse
+than its start on the calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantizers.calibration import collect_activation_stats
+from quantizers.errors import ConfigError, QuantizationCancelled
+from quantizers.methods.block_walk import compute_in_bf16, stack_batches
+from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid
+from quantizers.methods.sensitivity import measured_kl
+from quantizers.registry import (
+    MethodConfig,
+    QuantContext,
+    check_range,
+    get_method,
+    register_method,
+)
+from quantizers.runtime.int4 import Int4WeightOnlyLinear
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
+
+Grid = GroupGrid | ChannelGrid
+
+
+@dataclass(frozen=True)
+class FeedbackConfig(MethodConfig):
+    """start: {"method": name, "config": {...}} — the result to refine.
+    rounds: refinement rounds at most (0 measures the start only).
+    kl_samples: calibration sequences the end-to-end KL is measured on.
+    stat_samples: calibration sequences the input-channel energies come from.
+    """
+
+    start: Mapping[str, Any] = field(
+        default_factory=lambda: {"method": "int4", "config": {"group_size": 128}}
+    )
+    rounds: int = 4
+    kl_samples: int = 4
+    stat_samples: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.start, Mapping) or not isinstance(self.start.get("method"), str):
+            raise ConfigError('start must be {"method": name, "config": {...}}', "start")
+        if set(self.start) - {"method", "config"}:
+            raise ConfigError('start takes only "method" and "config"', "start")
+        if self.start["method"] == "feedback":
+            raise ConfigError("feedback cannot start from feedback", "start")
+        try:
+            get_method(self.start["method"]).make_config(self.start.get("config"))
+        except ConfigError as exc:
+            raise ConfigError(f"start: {exc.message}", "start") from None
+        object.__setattr__(self, "start", dict(self.start))
+        for name in ("rounds", "kl_samples", "stat_samples"):
+            value = getattr(self, name)
+            check_range(value, 0 if name == "rounds" else 1, 4096, name)
+            if not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}", name)
+
+
+@dataclass
+class _Layer:
+    """A refinable layer: its float weight (padded), input importance and current grid."""
+
+    weight: Tensor
+    importance: Tensor
+    grid: Grid
+    bias: Tensor | None
+    in_features: int
+
+    def module(self) -> nn.Module:
+        if isinstance(self.grid, GroupGrid):
+            return Int4WeightOnlyLinear.from_quantized(
+                self.grid.codes,
+                self.grid.scale,
+                self.grid.zero,
+                self.grid.group_size,
+                self.bias,
+                self.in_features,
+            )
+        return Int8WeightOnlyLinear.from_quantized(
+            self.grid.codes, self.grid.scale, None, None, self.bias
+        )
+
+    def error(self) -> float:
+        return self.grid.weighted_error(self.weight, self.importance)
+
+
+def _grid_of(module: nn.Module) -> Grid | None:
+    if isinstance(module, Int4WeightOnlyLinear):
+        q, scale, zero = module.unpacked()
+        return GroupGrid(q, scale, (8 - zero) * scale, module.group_size)
+    if isinstance(module, Int8WeightOnlyLinear):
+        return ChannelGrid(module.weight.clone(), module.scale.float())
+    return None
+
+
+def _start(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> QuantContext:
+    """Apply the starting method in place; its context lists what it quantised."""
+    method = get_method(config.start["method"])
+    start_config = method.make_config(config.start.get("config"))
+
+    def cancelled() -> bool:
+        try:
+            ctx.check_cancel()
+        except QuantizationCancelled:
+            return True
+        return False
+
+    start_ctx = QuantContext(model, start_config, ctx.calibration, None, cancelled)
+    method.apply(model, start_config, start_ctx)
+    ctx.extra.update(start_ctx.extra)
+    return start_ctx
+
+
+def _logits(model: nn.Module, sequences: list[Tensor]) -> list[Tensor]:
+    """Logits of each calibration sequence, one at a time (the vocabulary is large)."""
+    with compute_in_bf16():
+        return [model(input_ids=ids.reshape(1, -1), use_cache=False).logits for ids in sequences]
+
+
+def _kl(model: nn.Module, sequences: list[Tensor], reference: list[Tensor]) -> float:
+    logits = _logits(model, sequences)
+    kls = [measured_kl(ref, new) for ref, new in zip(reference, logits, strict=True)]
+    return sum(kls) / len(kls)
+
+
+def _padded(weight: Tensor, width: int) -> Tensor:
+    """weight [N, K] zero-padded to [N, width] input channels, as the int4 layout stores it."""
+    return F.pad(weight, (0, width - weight.shape[1]))
+
+
+@register_method("feedback", FeedbackConfig)
+def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> None:
+    batches = ctx.require_calibration()
+    kl_batches = list(batches[: config.kl_samples])
+    names = [t.name for t in ctx.targets]
+    floats = {t.name: t.module.weight.detach().float().clone() for t in ctx.targets}
+    with compute_in_bf16():
+        stats = collect_activation_stats(
+            model, stack_batches(batches[: config.stat_samples]), module_names=names
+        )
+    reference = _logits(model, kl_batches)
+
+    start_ctx = _start(model, config, ctx)
+    layers: dict[str, _Layer] = {}
+    for name in start_ctx.layers:
+        module = model.get_submodule(name)
+        grid = _grid_of(module)
+        if grid is None or name not in floats or name not in stats:
+            continue
+        kp = grid.codes.shape[1]
+        layers[name] = _Layer(
+            weight=_padded(floats[name], kp),
+            importance=_padded(stats[name].mean_square.reshape(1, -1), kp)[0],
+            grid=grid,
+            bias=getattr(module, "bias", None),
+            in_features=floats[name].shape[1],
+        )
+
+    history = [
+        {
+            "round": 0,
+            "kl": _kl(model, kl_batches, reference),
+            "layer_error": sum(layer.error() for layer in layers.values()),
+        }
+    ]
+    best = (history[0]["kl"], {name: layer.grid for name, layer in layers.items()})
+    for round_index in range(1, config.rounds + 1):
+        ctx.check_cancel()
+        for name, layer in layers.items():
+            refined = layer.grid.refined(layer.weight, layer.importance)
+            if refined.weighted_error(layer.weight, layer.importance) < layer.error():
+                layer.grid = refined
+                _install(model, name, layer.module())
+        kl = _kl(model, kl_batches, reference)
+        history.append(
+            {
+                "round": round_index,
+                "kl": kl,
+                "layer_error": sum(layer.error() for layer in layers.values()),
+            }
+        )
+        if kl >= best[0]:
+            break
+        best = (kl, {name: layer.grid for name, layer in layers.items()})
+
+    for name in start_ctx.layers:
+        ctx.check_cancel()
+        if name in layers:
+            layers[name].grid = best[1][name]
+            module = layers[name].module()
+        else:
+            module = model.get_submodule(name)
+        ctx.replace(name, module, **start_ctx.layers[name])
+    ctx.extra["feedback"] = {
+        "start": config.start,
+        "rounds": history,
+        "best_round": min(history, key=lambda h: h["kl"])["round"],
+        "refined_layers": len(layers),
+    }
+
+
+def _install(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,100 @@
+"""One refinement step of a quantised layer's grid, weighted by its input energy.
+
+Round-to-nearest fits each group's grid to the group's min and max, which
+spends resolution on outliers and ignores which input channels carry signal.
+With the layer's per-input-channel mean square h_k, the output error of
+weight errors e is about Σ_k h_k e_k². For fixed codes the best per-group
+(scale, offset) under that weighting is a weighted linear regression, and for
+fixed (scale, offset) the best codes are the nearest grid points; alternating
+the two (a Lloyd step) never increases the weighted error, and moves each
+group's clipping range to where the signal is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantizers.methods.column_grid import KERNEL_PARAM_DTYPE
+from quantizers.packing import INT4_MID
+from quantizers.primitives import symmetric_qmax
+
+# Groups whose codes are (almost) all equal keep their previous grid.
+_MIN_CODE_VARIANCE = 1e-6
+
+
+def _kernel(value: Tensor) -> Tensor:
+    return value.to(KERNEL_PARAM_DTYPE).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class GroupGrid:
+    """An int4 layer as the kernel sees it: w = (q - 8) · scale + offset per group.
+
+    codes [N, Kp], scale and offset [N, G]; weight is the float weight [N, Kp]
+    (zero-padded) and importance the input channels' mean square [Kp].
+    """
+
+    codes: Tensor
+    scale: Tensor
+    offset: Tensor
+    group_size: int
+
+    @property
+    def zero(self) -> Tensor:
+        """The primitives' (fractional) zero point: w = (q - zero) · scale."""
+        return INT4_MID - self.offset / self.scale
+
+    def dequantized(self) -> Tensor:
+        n, kp = self.codes.shape
+        q = self.codes.float().reshape(n, -1, self.group_size) - INT4_MID
+        return (q * self.scale[..., None] + self.offset[..., None]).reshape(n, kp)
+
+    def weighted_error(self, weight: Tensor, importance: Tensor) -> float:
+        return float(((self.dequantized() - weight) ** 2 * importance).sum())
+
+    def refined(self, weight: Tensor, importance: Tensor) -> GroupGrid:
+        """One Lloyd step: least-squares (scale, offset), then re-rounded codes."""
+        n, kp = weight.shape
+        shape = (n, kp // self.group_size, self.group_size)
+        w = weight.reshape(shape)
+        h = importance.reshape(1, *shape[1:]).expand(shape) + 1e-12
+        q = self.codes.float().reshape(shape) - INT4_MID
+        total = h.sum(-1)
+        mean_q = (h * q).sum(-1) / total
+        mean_w = (h * w).sum(-1) / total
+        var_q = (h * (q - mean_q[..., None]) ** 2).sum(-1) / total
+        cov = (h * (q - mean_q[..., None]) * (w - mean_w[..., None])).sum(-1) / total
+        usable = (var_q > _MIN_CODE_VARIANCE) & (cov > 0)
+        scale = _kernel(torch.where(usable, cov / var_q.clamp_min(_MIN_CODE_VARIANCE), self.scale))
+        offset = _kernel(torch.where(usable, mean_w - scale * mean_q, self.offset))
+        codes = torch.round((w - offset[..., None]) / scale[..., None]) + INT4_MID
+        codes = codes.clamp_(0, 15).reshape(n, kp).to(torch.uint8)
+        return GroupGrid(codes, scale, offset, self.group_size)
+
+
+@dataclass(frozen=True)
+class ChannelGrid:
+    """An int8 layer: w = q · scale per output channel, q in [-127, 127]."""
+
+    codes: Tensor
+    scale: Tensor
+
+    def dequantized(self) -> Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    def weighted_error(self, weight: Tensor, importance: Tensor) -> float:
+        return float(((self.dequantized() - weight) ** 2 * importance).sum())
+
+    def refined(self, weight: Tensor, importance: Tensor) -> ChannelGrid:
+        """Least-squares scale per channel for the current codes, then re-rounded codes."""
+        q = self.codes.float()
+        num = (importance * q * weight).sum(-1)
+        den = (importance * q * q).sum(-1)
+        scale = _kernel(torch.where(den > 0, num / den.clamp_min(1e-12), self.scale))
+        scale = torch.where(scale > 0, scale, self.scale)
+        qmax = symmetric_qmax(8)
+        codes = torch.round(weight / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+        return ChannelGrid(codes, scale)
