@@ -121,8 +121,10 @@ class Allocator:
         fits = torch.nonzero(self._least.values <= max_loss)
         limit = len(self._best) - 1 if max_bytes is None else max_bytes // self.unit
         if len(fits) == 0 or int(fits[0]) > limit:
-            closest = self.best_within(max_bytes) if max_bytes is not None else self._plan_at(
-                len(self._best) - 1
+            closest = (
+                self.best_within(max_bytes)
+                if max_bytes is not None
+                else self._plan_at(len(self._best) - 1)
             )
             raise BudgetUnreachable(
                 f"the best reachable plan has an estimated perplexity increase of "

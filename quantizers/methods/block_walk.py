@@ -63,9 +63,7 @@ def stack_batches(batches: Sequence[Tensor]) -> list[Tensor]:
     stacked = []
     for length, rows in by_length.items():
         per_call = max(1, _TOKENS_PER_CALL // length)
-        stacked.extend(
-            torch.stack(rows[i : i + per_call]) for i in range(0, len(rows), per_call)
-        )
+        stacked.extend(torch.stack(rows[i : i + per_call]) for i in range(0, len(rows), per_call))
     return stacked
 
 

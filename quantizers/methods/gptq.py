@@ -63,8 +63,10 @@ class GPTQConfig(MethodConfig):
         check_choice(self.group_size, GROUP_SIZES, "group_size")
         check_range(self.damp, 1e-6, 1.0, "damp")
         check_choice(self.act_order, (True, False), "act_order")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not (
-            1 <= self.block_size <= 4096
+        if (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or not (1 <= self.block_size <= 4096)
         ):
             raise ConfigError(
                 f"block_size must be an integer in 1..4096, got {self.block_size!r}", "block_size"

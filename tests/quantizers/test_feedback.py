@@ -3,6 +3,8 @@ and the refined grids run on the same kernels."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -45,7 +47,7 @@ def test_refinement_lowers_the_weighted_error_and_runs_on_the_int4_kernel() -> N
         grid = grid.refined(weight, importance)
         errors.append(grid.weighted_error(weight, importance))
     assert errors[1] < 0.95 * errors[0]
-    assert all(later <= earlier * 1.001 for earlier, later in zip(errors, errors[1:], strict=False))
+    assert all(later <= earlier * 1.001 for earlier, later in itertools.pairwise(errors))
 
     module = Int4WeightOnlyLinear.from_quantized(grid.codes, grid.scale, grid.zero, 32)
     x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
@@ -62,15 +64,13 @@ def test_feedback_is_never_worse_than_its_start_and_reports_every_round() -> Non
     start = fresh_model()
     quantize(start, "int4", {"group_size": 32})
     refined = fresh_model()
-    report = quantize(
-        refined, "feedback", {"start": INT4_START, "rounds": 3}, calibration=batches
-    )
+    report = quantize(refined, "feedback", {"start": INT4_START, "rounds": 3}, calibration=batches)
     history = report.extra["feedback"]["rounds"]
     assert history[0]["round"] == 0 and 1 < len(history) <= 4
     assert history[0]["kl"] == pytest.approx(kl_on(start, reference, kl_ids), rel=0.05)
     # Each round's Lloyd step lowers the weighted layer error.
     errors = [h["layer_error"] for h in history]
-    assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False))
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors))
     assert kl_on(refined, reference, kl_ids) <= kl_on(start, reference, kl_ids)
     best = report.extra["feedback"]["best_round"]
     assert history[best]["kl"] == min(h["kl"] for h in history)
@@ -92,7 +92,9 @@ def test_feedback_improves_held_out_logits_over_rtn(tiny_tokens: torch.Tensor) -
 
 def test_feedback_refines_an_int8_start() -> None:
     report = quantize(
-        fresh_model(), "feedback", {"start": {"method": "int8"}, "rounds": 2},
+        fresh_model(),
+        "feedback",
+        {"start": {"method": "int8"}, "rounds": 2},
         calibration=calibration(),
     )
     assert {layer["kind"] for layer in report.layers.values()} == {"Int8WeightOnlyLinear"}
@@ -124,5 +126,7 @@ def test_invalid_config_names_the_field(config: dict[str, object], param: str) -
 
 def test_unknown_start_method_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
-        quantize(fresh_model(), "feedback", {"start": {"method": "nope"}}, calibration=calibration())
+        quantize(
+            fresh_model(), "feedback", {"start": {"method": "nope"}}, calibration=calibration()
+        )
     assert caught.value.param == "start"

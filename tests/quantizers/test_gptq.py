@@ -158,9 +158,7 @@ def test_int8_gptq_builds_int8_kernel_modules() -> None:
 
 def test_opted_in_lm_head_is_quantised_after_the_blocks() -> None:
     model = fresh_model()
-    report = quantize(
-        model, "gptq", {"overrides": {"lm_head": {}}}, calibration=calibration(8, 32)
-    )
+    report = quantize(model, "gptq", {"overrides": {"lm_head": {}}}, calibration=calibration(8, 32))
     assert report.layers["lm_head"]["kind"] == "Int4WeightOnlyLinear"
     assert report.layers["lm_head"]["output_error"] <= report.layers["lm_head"]["rtn_output_error"]
 
