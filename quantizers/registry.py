@@ -199,7 +199,35 @@ class QuantContext:
         self._progress = progress
         self._should_cancel = should_cancel
         self.targets = self._find_targets()
+        self.tied_head = self._tied_head_name()
         self.done = 0
+
+    def _tied_head_name(self) -> str | None:
+        """Name of the output projection when it shares the input embedding's weight."""
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        if not callable(get_in) or not callable(get_out):
+            return None
+        head, embedding = get_out(), get_in()
+        if not isinstance(head, nn.Linear) or head.weight is not embedding.weight:
+            return None
+        return next(name for name, module in self.model.named_modules() if module is head)
+
+    def share_tied_embedding(self) -> None:
+        """Re-tie a quantised lm_head to the embeddings by sharing its int8 codes.
+
+        Replacing a tied lm_head unties it; runtime modules that can serve row
+        lookups (`as_embedding`) then replace the float embedding, so the matrix
+        is stored once, quantised. Others leave the float embedding in place.
+        """
+        if self.tied_head is None or self.tied_head not in self.layers:
+            return
+        head = self.model.get_submodule(self.tied_head)
+        as_embedding = getattr(head, "as_embedding", None)
+        if callable(as_embedding):
+            old = self.model.get_input_embeddings()
+            self.model.set_input_embeddings(as_embedding(getattr(old, "padding_idx", None)))
+            self.layers[self.tied_head]["tied_embedding"] = True
 
     def _find_targets(self) -> list[LayerTarget]:
         targets = []
@@ -375,6 +403,7 @@ def quantize(
     ctx.check_cancel()
     with torch.no_grad():
         entry.apply(model, cfg, ctx)
+    ctx.share_tied_embedding()
     _cast_parameters(model, COMPUTE_DTYPE)
     return QuantReport(
         method=method,

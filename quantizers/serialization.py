@@ -18,9 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.errors import QuantizationError
-from quantizers.runtime.base import RUNTIME_KINDS, QuantizedLinear
+from quantizers.runtime.base import RUNTIME_KINDS, RuntimeModule
+from quantizers.runtime.embedding import Int8Embedding
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
 
 PLAN_FORMAT = 1
+# Plan value of tie_word_embeddings when lm_head shares an Int8Embedding's codes.
+TIED_INT8 = "int8"
 
 
 def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -30,10 +34,12 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
     are included so that a meta-device skeleton needs nothing recomputed;
     runtime modules contribute what their `state_tensors()` hook returns.
     """
+    tie = _tie_mode(model)
+    head = model.get_output_embeddings() if tie == TIED_INT8 else None
     runtime = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, QuantizedLinear)
+        if isinstance(module, RuntimeModule) and module is not head
     }
     inside_runtime = {
         f"{name}.{key}"
@@ -42,7 +48,7 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
     }
     tensors: dict[str, Tensor] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name not in inside_runtime:
+        if name not in inside_runtime and not (head is not None and _under(name, model, head)):
             tensors[name] = tensor.detach().contiguous()
     for name, module in runtime.items():
         for key, tensor in module.state_tensors().items():
@@ -56,18 +62,28 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
         "format": PLAN_FORMAT,
         "dtype": str(next(iter(floating))).removeprefix("torch.") if floating else "bfloat16",
         "modules": modules,
-        "tie_word_embeddings": _tied(model),
+        "tie_word_embeddings": tie,
     }
     return tensors, plan
 
 
-def _tied(model: nn.Module) -> bool:
+def _tie_mode(model: nn.Module) -> bool | str:
+    """False, True (float weight shared) or TIED_INT8 (int8 codes shared)."""
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     if not callable(get_in) or not callable(get_out):
         return False
-    out = get_out()
-    return isinstance(out, nn.Linear) and out.weight is get_in().weight
+    head, embedding = get_out(), get_in()
+    if head is None or getattr(head, "weight", None) is not getattr(embedding, "weight", 0):
+        return False
+    if isinstance(head, Int8WeightOnlyLinear) and isinstance(embedding, Int8Embedding):
+        return TIED_INT8
+    return isinstance(head, nn.Linear)
+
+
+def _under(name: str, model: nn.Module, module: nn.Module) -> bool:
+    owner = name.rpartition(".")[0]
+    return model.get_submodule(owner) is module if owner else False
 
 
 def _hf_config(hf_config: Any) -> Any:
@@ -135,7 +151,10 @@ def build_from_state(
         setattr(parent, child, kind.from_state(dict(entry), own[name]))
     for key, tensor in rest.items():
         _set_tensor(model, key, tensor)
-    if plan.get("tie_word_embeddings"):
+    tie = plan.get("tie_word_embeddings")
+    if tie == TIED_INT8:
+        model.set_output_embeddings(Int8WeightOnlyLinear.tied_to(model.get_input_embeddings()))
+    elif tie:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:

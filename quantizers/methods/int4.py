@@ -20,6 +20,7 @@ from quantizers.registry import (
     register_method,
 )
 from quantizers.runtime.int4 import GROUP_SIZES, Int4WeightOnlyLinear
+from quantizers.runtime.int8 import Int8WeightOnlyLinear
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class Int4Config(MethodConfig):
 
     pad: zero-pad layers whose input size the group size does not divide; with
     pad=False such a layer is a ConfigError naming group_size.
+
+    An opted-in lm_head tied to the embeddings is quantised to int8 per row
+    instead: the shared matrix must also serve embedding row lookups, which the
+    opaque int4 kernel packing cannot, and int8 codes can (Int8Embedding).
     """
 
     group_size: int = 128
@@ -42,6 +47,8 @@ class Int4Config(MethodConfig):
 @register_method("int4", Int4Config)
 def apply_int4(model: nn.Module, config: Int4Config, ctx: QuantContext) -> None:
     def build(target: LayerTarget) -> nn.Module:
+        if target.name == ctx.tied_head:
+            return Int8WeightOnlyLinear.from_float(target.module)
         group_size = target.config.group_size
         if not target.config.pad and target.module.in_features % group_size:
             raise ConfigError(

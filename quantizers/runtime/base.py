@@ -17,17 +17,47 @@ from torch import Tensor, nn
 # slow generic path for float32 activations (30-200x slower at prefill sizes).
 COMPUTE_DTYPE = torch.bfloat16
 
-RUNTIME_KINDS: dict[str, type[QuantizedLinear]] = {}
+RUNTIME_KINDS: dict[str, type[RuntimeModule]] = {}
 
 
-class QuantizedLinear(nn.Module):
-    """A drop-in nn.Linear replacement holding low-bit weights as buffers."""
-
-    bits: ClassVar[int]
+class RuntimeModule(nn.Module):
+    """A module of a quantised model that serialization.py can save and rebuild."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         RUNTIME_KINDS[cls.__name__] = cls
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able constructor metadata, stored in artifact plans and reports."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The tensors from_state() needs, by name relative to this module.
+
+        Default: parameters and persistent buffers (non-persistent ones are
+        derived). Modules wrapping a library with its own state layout override it.
+        """
+        tensors = dict(self.named_parameters())
+        for name, buffer in self.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            if attr not in module._non_persistent_buffers_set:
+                tensors[name] = buffer
+        return tensors
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
+        """Rebuild from describe() output and this module's state tensors."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
+
+
+class QuantizedLinear(RuntimeModule):
+    """A drop-in nn.Linear replacement holding low-bit weights as buffers."""
+
+    bits: ClassVar[int]
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -45,28 +75,6 @@ class QuantizedLinear(nn.Module):
             "bits": self.bits,
             "bias": self.bias is not None,
         }
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """The tensors from_state() needs, by name relative to this module.
-
-        Default: parameters and persistent buffers (non-persistent ones are
-        derived). Modules wrapping a library with its own state layout override it.
-        """
-        tensors = {n: t for n, t in self.named_parameters()}
-        for name, buffer in self.named_buffers():
-            owner, _, attr = name.rpartition(".")
-            module = self.get_submodule(owner) if owner else self
-            if attr not in module._non_persistent_buffers_set:
-                tensors[name] = buffer
-        return tensors
-
-    @classmethod
-    def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
-        """Rebuild from describe() output and this module's state tensors."""
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
 
     def _finish(self, out: Tensor, lead: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """Add the bias and restore the caller's leading dims and dtype."""

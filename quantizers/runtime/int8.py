@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from quantizers.primitives import quantize_per_channel_symmetric
 from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix
+from quantizers.runtime.embedding import Int8Embedding
 
 # Rows from which casting the weight and a bfloat16 matmul beat the int8 kernel
 # on CPU (measured at SmolLM2's shapes); output rows cast per chunk, so the
@@ -75,6 +76,15 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     @classmethod
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
         return cls(tensors["weight"], tensors["scale"], tensors.get("bias"))
+
+    def as_embedding(self, padding_idx: int | None = None) -> Int8Embedding:
+        """An embedding reading the same codes and scales (for a tied lm_head)."""
+        return Int8Embedding(self.weight, self.scale, padding_idx)
+
+    @classmethod
+    def tied_to(cls, embedding: Int8Embedding) -> Self:
+        """An lm_head sharing the codes and scales of a quantised embedding."""
+        return cls(embedding.weight, embedding.scale, None)
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)

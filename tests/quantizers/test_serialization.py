@@ -18,7 +18,11 @@ def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("method", "config"),
-    [("int8", {}), ("int4", {"group_size": 64}), ("int4", {"overrides": {"lm_head": {}}})],
+    [
+        ("int8", {}),
+        ("int4", {"group_size": 64}),
+        ("int4", {"group_size": 32, "overrides": {"*.down_proj": {"group_size": 128}}}),
+    ],
 )
 def test_round_trip_gives_identical_logits(
     tiny_llama: nn.Module, tiny_tokens: torch.Tensor, method: str, config: dict

@@ -8,6 +8,8 @@ from torch import nn
 
 from quantizers import quantize
 from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from quantizers.runtime.embedding import Int8Embedding
+from quantizers.serialization import build_from_state, quantized_state
 
 
 def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -62,3 +64,30 @@ def test_generation_runs_on_a_quantised_model(
     with torch.no_grad():
         out = tiny_llama.generate(tiny_tokens[:1], max_new_tokens=5, do_sample=False)
     assert out.shape == (1, tiny_tokens.shape[1] + 5)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_opted_in_tied_lm_head_shares_int8_codes_with_the_embedding(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor, method: str
+) -> None:
+    reference = logits(tiny_llama, tiny_tokens)
+    without = type(tiny_llama)(tiny_llama.config).eval()
+    without.load_state_dict(tiny_llama.state_dict())
+    plain = quantize(without, method)
+    report = quantize(tiny_llama, method, {"overrides": {"lm_head": {}}})
+    head, embedding = tiny_llama.lm_head, tiny_llama.model.embed_tokens
+    assert isinstance(head, Int8WeightOnlyLinear) and isinstance(embedding, Int8Embedding)
+    assert head.weight is embedding.weight
+    assert report.layers["lm_head"]["tied_embedding"] is True
+    # the shared matrix is stored once, in int8 instead of bfloat16
+    vocab, hidden = embedding.weight.shape
+    assert plain.weight_bytes_after - report.weight_bytes_after >= vocab * hidden * 0.95
+    bound = 0.05 if method == "int8" else 0.25
+    assert relative_error(logits(tiny_llama, tiny_tokens), reference) < bound
+    expected = logits(tiny_llama, tiny_tokens)
+    tensors, plan = quantized_state(tiny_llama)
+    assert plan["tie_word_embeddings"] == "int8" and "lm_head" not in plan["modules"]
+    assert not any(name.startswith("lm_head.") for name in tensors)
+    rebuilt = build_from_state(tiny_llama.config, tensors, plan)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+    assert torch.equal(logits(rebuilt, tiny_tokens), expected)
