@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from quantizers.loading import ModelLoadError, resolve_model_path
     from server.app import create_app
+    from server.shutdown import DrainingServer
 
     try:
         names = [a for a in vars(args) if a not in ("handler", "command")]
@@ -89,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
-    uvicorn.Server(config).run()
+    DrainingServer(config, app, settings.drain_timeout_s).run()
     if app.state.fatal_error:
         print(f"quantserve: {app.state.fatal_error}", file=sys.stderr)
         return 1
