@@ -32,7 +32,9 @@ def _row(row: dict[str, Any], base: dict[str, Any] | None) -> str:
     float32 timed in turns in the variant's own process (see worker)."""
     label = row["label"]
     if "error" in row:
-        return f"| {label} | failed: {row['error']} |" + " |" * 12
+        status = "unavailable here" if is_unavailable(row) else "failed"
+        message = " ".join(str(row["error"]).split()).replace("|", "\\|")[:300]
+        return f"| {label} | {status}: {message} |" + " |" * 12
     tps = row["decode"]["tokens_per_second"]
     cells = [
         label,
@@ -51,6 +53,12 @@ def _row(row: dict[str, Any], base: dict[str, Any] | None) -> str:
         _mib(row["quant_peak_over_float_bytes"]),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def is_unavailable(row: dict[str, Any]) -> bool:
+    """The method is valid but cannot run on this machine (e.g. bitsandbytes
+    without its CPU kernel): a fact about the machine, not a failure."""
+    return row.get("error_type") == "MethodUnavailableError"
 
 
 def float_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

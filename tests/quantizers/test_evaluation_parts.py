@@ -10,6 +10,7 @@ import torch
 
 from quantizers.evaluation import wikitext
 from quantizers.evaluation.markdown import replace_section
+from quantizers.evaluation.table import render_table
 from quantizers.evaluation.variants import Variant, VariantSpecError, parse_variants
 from tests.quantizers.evaluation_helpers import tiny_tokenizer
 
@@ -71,3 +72,16 @@ def test_missing_or_empty_text_is_a_clear_error(tmp_path, monkeypatch) -> None:
     (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("  \n")
     with pytest.raises(wikitext.EvaluationDataError, match="empty"):
         wikitext.wikitext_tokens(tiny_tokenizer(), 10)
+
+
+def test_table_marks_unavailable_and_failed_methods_without_breaking_columns() -> None:
+    rows = [
+        {"label": "bnb-nf4", "method": "bnb-nf4", "error": "no CPU kernel | here",
+         "error_type": "MethodUnavailableError"},
+        {"label": "int8", "method": "int8", "error": "boom\nline 2", "error_type": "ValueError"},
+    ]
+    lines = render_table(rows).splitlines()
+    header_cells = lines[0].count("|")
+    assert lines[2].startswith("| bnb-nf4 | unavailable here: no CPU kernel \\| here |")
+    assert lines[3].startswith("| int8 | failed: boom line 2 |")
+    assert all(line.count("|") - line.count("\\|") == header_cells for line in lines)
