@@ -169,6 +169,14 @@ class ArtifactStore:
             infos = [self._info(path) for path in self._committed_dirs()]
         return sorted(infos, key=lambda info: info.last_used, reverse=True)
 
+    def info(self, key: str) -> ArtifactInfo | None:
+        """The listing entry of one artifact (unverified), or None."""
+        if not is_valid_key(key):
+            return None
+        with self._lock:
+            directory = self._objects / key
+            return self._info(directory) if directory.is_dir() else None
+
     def _lookup(self, key: str, *, count: bool) -> Artifact | None:
         with self._lock:
             directory = self._objects / key

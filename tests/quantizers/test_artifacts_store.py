@@ -185,6 +185,8 @@ def test_list_reports_manifest_fields_most_recent_first(tmp_path: Path) -> None:
     assert infos[0].quality == {"perplexity": 12.5}
     assert infos[0].last_used >= infos[0].created > 0
     assert infos[0].bytes > store.get(first).bytes, "on-disk bytes include the manifest"
+    assert store.info(second) == infos[1]
+    assert store.info(key_for("absent")) is None and store.info("..") is None
 
 
 def test_delete_removes_the_artifact(tmp_path: Path) -> None:
