@@ -109,9 +109,11 @@ async def sse_response(
             yield sse(ErrorResponse(error=ErrorDetail(
                 message=exc.message, type=exc.type, param=exc.param, code=exc.code)))
         finally:
-            await stream.cancel()
+            # Count first: when the client has left, the task is cancelled and
+            # the await below raises CancelledError again before returning.
             if not complete:
                 record_disconnect()
+            await stream.cancel()
         yield sse_done()
 
     return StreamingResponse(events(), media_type="text/event-stream",
