@@ -7,7 +7,7 @@ in the same two grids, so the runtime modules can be built from any of them:
   [-(2**(bits-1) - 1), 2**(bits-1) - 1] (int8 weights, W8A8 activations);
 * asymmetric per group of ``group_size`` input channels:
   ``w ≈ (q - zero) * scale`` with q in [0, 2**bits - 1] and ``zero`` the
-  (integer-valued, float-typed) zero point of each group (int4 weights).
+  float zero point of each group, i.e. ``-min / scale`` (int4 weights).
 
 Weights are [N, K] = [out_features, in_features], as in nn.Linear.
 """
@@ -67,16 +67,30 @@ def quantize_per_token_symmetric(x: Tensor, bits: int = 8) -> tuple[Tensor, Tens
     return q, scale
 
 
-def asymmetric_params(wmin: Tensor, wmax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Scale and integer zero point that map [wmin, wmax] onto [0, 2**bits - 1].
+def asymmetric_params(
+    wmin: Tensor, wmax: Tensor, bits: int, *, integer_zero: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point that map [wmin, wmax] onto [0, 2**bits - 1].
 
-    The range is widened to include 0 so that exact zeros (padding) stay exact.
+    With integer_zero (the classic GPTQ/W8A8 convention) the range is widened
+    to include 0 and the zero point rounded, so 0.0 is exactly representable —
+    what integer activation grids need for their zero-point correction. Without
+    it the zero point is a float and the grid spans exactly each group's range:
+    the same grid as GGUF's Q4_1 blocks, which a rounded zero point would shift
+    and re-round (int4 g32 on SmolLM2 goes from ~9% to ~0% weight error).
     """
     levels = 2**bits - 1
-    wmin = wmin.float().clamp(max=0.0)
-    wmax = wmax.float().clamp(min=0.0)
+    wmin, wmax = wmin.float(), wmax.float()
+    # A constant group has no range to span; include 0 so its value is a grid end.
+    widen = (wmax - wmin) <= 1e-5 * torch.maximum(wmin.abs(), wmax.abs())
+    if integer_zero:
+        widen = torch.ones_like(widen)
+    wmin = torch.where(widen, wmin.clamp(max=0.0), wmin)
+    wmax = torch.where(widen, wmax.clamp(min=0.0), wmax)
     scale = ((wmax - wmin) / levels).clamp_min(_MIN_SCALE)
-    zero = torch.round(-wmin / scale).clamp_(0, levels)
+    zero = -wmin / scale
+    if integer_zero:
+        zero = torch.round(zero).clamp_(0, levels)
     return scale, zero
 
 
@@ -103,13 +117,19 @@ def _check_group(k: int, group_size: int) -> None:
 
 
 def quantize_per_group_asymmetric(
-    w: Tensor, bits: int = 4, group_size: int = 128, clip_ratio: float | Tensor = 1.0
+    w: Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    clip_ratio: float | Tensor = 1.0,
+    *,
+    integer_zero: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest asymmetric quantisation with one (scale, zero) per group.
 
     `clip_ratio` shrinks each group's [min, max] range before the grid is
     chosen (a float for all groups, or a tensor broadcastable to [N, K // g]),
     which AWQ/clipping searches use to trade outlier error for resolution.
+    integer_zero: see asymmetric_params (the int4 runtime takes float zeros).
 
     Returns (q uint8 [N, K] in 0..2**bits-1, scale float32 [N, K // g],
     zero float32 [N, K // g]).
@@ -121,7 +141,9 @@ def quantize_per_group_asymmetric(
     ratio = torch.as_tensor(clip_ratio, dtype=torch.float32)
     if bool((ratio <= 0).any()) or bool((ratio > 1).any()):
         raise ConfigError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}", "clip_ratio")
-    scale, zero = asymmetric_params(groups.amin(-1) * ratio, groups.amax(-1) * ratio, bits)
+    scale, zero = asymmetric_params(
+        groups.amin(-1) * ratio, groups.amax(-1) * ratio, bits, integer_zero=integer_zero
+    )
     q = quantize_to_grid(groups, scale[..., None], zero[..., None], bits)
     return q.reshape(n, k).to(torch.uint8), scale, zero
 

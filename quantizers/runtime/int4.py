@@ -54,9 +54,13 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128) -> Self:
-        """Round-to-nearest asymmetric 4-bit quantisation, K padded to the group size."""
+        """Round-to-nearest asymmetric 4-bit quantisation, K padded to the group size.
+
+        Zero points are floats: the kernel's per-group offset is a float anyway,
+        and an exact min/max grid loses less than a rounded zero point.
+        """
         weight = pad_to_multiple(linear.weight.detach().float(), group_size, dim=1)
-        q, scale, zero = quantize_per_group_asymmetric(weight, 4, group_size)
+        q, scale, zero = quantize_per_group_asymmetric(weight, 4, group_size, integer_zero=False)
         return cls.from_quantized(q, scale, zero, group_size, linear.bias, linear.in_features)
 
     @classmethod

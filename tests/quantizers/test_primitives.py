@@ -14,6 +14,7 @@ from quantizers.primitives import (
     quantize_per_channel_symmetric,
     quantize_per_group_asymmetric,
     quantize_per_token_symmetric,
+    quantize_to_grid,
 )
 
 
@@ -74,9 +75,40 @@ def test_clip_ratio_shrinks_the_range() -> None:
     assert torch.allclose(per_row[::2], full[::2])
 
 
-def test_zero_is_exact_after_asymmetric_quantisation() -> None:
-    scale, zero = asymmetric_params(torch.tensor([0.3]), torch.tensor([2.0]), 4)
-    assert float((0 - zero) * scale) == 0.0
+def test_float_zero_point_spans_exactly_the_group_range() -> None:
+    scale, zero = asymmetric_params(
+        torch.tensor([0.3]), torch.tensor([2.0]), 4, integer_zero=False
+    )
+    assert torch.allclose((0 - zero) * scale, torch.tensor([0.3]))
+    assert torch.allclose((15 - zero) * scale, torch.tensor([2.0]))
+
+
+def test_values_on_a_q4_1_grid_quantise_losslessly() -> None:
+    """A group already on a min + k * d grid (GGUF Q4_1) comes back unchanged."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 32)).float()
+    codes[:, 0], codes[:, 1] = 0, 15
+    w = codes * 0.037 + 0.21  # all positive, offset not a multiple of the step
+    q, scale, zero = quantize_per_group_asymmetric(w, 4, 32, integer_zero=False)
+    assert torch.allclose(dequantize_per_group(q, scale, zero, 32), w, atol=1e-6)
+    q, scale, zero = quantize_per_group_asymmetric(w, 4, 32)
+    assert not torch.allclose(dequantize_per_group(q, scale, zero, 32), w, atol=1e-3)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.3, 2.0), (-1.0, 2.0), (-3.0, -0.5)])
+def test_integer_zero_keeps_zero_exact(low: float, high: float) -> None:
+    scale, zero = asymmetric_params(torch.tensor([low]), torch.tensor([high]), 8)
+    assert float(zero) == round(float(zero))
+    code = quantize_to_grid(torch.zeros(1), scale, zero, 8)
+    assert float((code - zero) * scale) == 0.0
+
+
+@pytest.mark.parametrize("integer_zero", [True, False])
+def test_constant_groups_stay_exact(integer_zero: bool) -> None:
+    w = torch.full((2, 32), 100.0)
+    w[1] = -3.5
+    q, scale, zero = quantize_per_group_asymmetric(w, 4, 32, integer_zero=integer_zero)
+    assert torch.allclose(dequantize_per_group(q, scale, zero, 32), w)
 
 
 def test_per_token_scales_rows_independently() -> None:

@@ -93,7 +93,7 @@ def test_int4_matches_dequantised_and_float(k: int, n: int, group_size: int) -> 
     out = module(x)
     assert out.shape == (7, n)
     padded = pad_to_multiple(linear.weight.detach(), group_size, dim=1)
-    q, scale, zero = quantize_per_group_asymmetric(padded, 4, group_size)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, group_size, integer_zero=False)
     exact = x @ dequantize_per_group(q, scale, zero, group_size)[:, :k].t() + linear.bias
     assert relative_error(out, exact) < 0.01
     # 4-bit RTN on Gaussian weights costs roughly 10% relative error, not more
@@ -105,7 +105,7 @@ def test_int4_packing_round_trips_through_the_kernel() -> None:
     module = Int4WeightOnlyLinear.from_float(linear, 64)
     q, scale, zero = module.unpacked()
     expected_q, expected_scale, expected_zero = quantize_per_group_asymmetric(
-        pad_to_multiple(linear.weight.detach(), 64, dim=1), 4, 64
+        pad_to_multiple(linear.weight.detach(), 64, dim=1), 4, 64, integer_zero=False
     )
     assert torch.equal(q, expected_q)
     assert torch.allclose(scale, expected_scale, rtol=0.01)
@@ -117,7 +117,7 @@ def test_int4_packing_round_trips_through_the_kernel() -> None:
 def test_int4_from_quantized_with_padding_equals_from_float() -> None:
     linear = make_linear(96, 64)
     padded = pad_to_multiple(linear.weight.detach(), 128, dim=1)
-    q, scale, zero = quantize_per_group_asymmetric(padded, 4, 128)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, 128, integer_zero=False)
     built = Int4WeightOnlyLinear.from_quantized(q, scale, zero, 128, linear.bias, in_features=96)
     x = torch.randn(2, 96)
     assert torch.equal(built(x), Int4WeightOnlyLinear.from_float(linear, 128)(x))
