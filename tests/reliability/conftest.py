@@ -20,7 +20,7 @@ from tests.reliability.serving import ADMIN_TOKEN, API_KEY, server_process, tiny
 
 MAX_COMPLETION_TOKENS = 8
 MAX_BODY_BYTES = 64 * 1024
-OPEN_REQUEST_TIMEOUT_S = 0.2
+OPEN_REQUEST_TIMEOUT_S = 0.05
 
 
 @pytest.fixture(scope="session")
