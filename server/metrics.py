@@ -28,9 +28,13 @@ minutes; each histogram covers both ends with a few buckets per decade.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, disable_created_metrics
 
 from server.engine.types import Finish
+
+# The text format would add a `*_created` series beside every counter and
+# histogram child, doubling what each scrape stores for no dashboard use.
+disable_created_metrics()
 
 _MODEL_LABELS = ("model", "quantization")
 
