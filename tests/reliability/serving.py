@@ -24,12 +24,16 @@ ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def tiny_env(model_dir: Path, cache_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment of a server on the tiny model with a fresh cache and no tokens."""
+    """Environment of a server on the tiny model with a fresh cache and no tokens.
+
+    One torch thread: on a shared 2-core box more threads oversubscribe the
+    cores and a tiny model's latency grows a hundredfold. Log level info, as
+    the tests read the request and drain log lines (CI sets warning)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("QUANTSERVE_API_KEY", "QUANTSERVE_ADMIN_TOKEN", "QUANTSERVE_HOST")}
     return {**env, "QUANTSERVE_MODEL": str(model_dir), "QUANTSERVE_MODEL_ID": MODEL_ID,
             "QUANTSERVE_DTYPE": "float32", "QUANTSERVE_CACHE_DIR": str(cache_dir),
-            "QUANTSERVE_NUM_THREADS": "1", **extra}
+            "QUANTSERVE_NUM_THREADS": "1", "QUANTSERVE_LOG_LEVEL": "info", **extra}
 
 
 @contextmanager

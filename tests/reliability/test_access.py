@@ -13,6 +13,8 @@ from tests.helpers.server_process import ServerProcess
 from tests.reliability.fuzzing import error_shape_problem
 from tests.reliability.serving import ADMIN_AUTH, ADMIN_TOKEN, API_AUTH, API_KEY, MODEL_ID
 
+pytestmark = pytest.mark.slow  # real server processes (tiny model)
+
 COMPLETION = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
 WRONG_SECRET = "wrong-secret-3c7f0a91"
 

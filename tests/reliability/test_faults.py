@@ -22,6 +22,8 @@ from tests.reliability.faulty_server import FAULT_MESSAGE, FAULT_METHOD
 from tests.reliability.metrics_reading import metric_value
 from tests.reliability.serving import ADMIN_AUTH, ADMIN_TOKEN, MODEL_ID, server_process, tiny_env
 
+pytestmark = pytest.mark.slow  # real server processes (tiny model)
+
 TMPFS_BYTES = 1 << 20
 FINISHED = {"succeeded", "failed", "cancelled"}
 

@@ -29,6 +29,8 @@ from tests.helpers.server_process import ServerProcess
 from tests.reliability.fuzzing import FuzzTally, fuzz_schema, status_summary
 from tests.reliability.serving import ADMIN_AUTH, API_AUTH, MODEL_ID
 
+pytestmark = pytest.mark.slow  # real server processes (tiny model)
+
 CI_EXAMPLES = 12
 NIGHTLY_EXAMPLES = 300
 OPENAI_PATHS = {"/completions": {"post"}, "/chat/completions": {"post"}, "/models": {"get"}}

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from quantizers.artifacts import ArtifactStore
 from tests.helpers.server_process import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # a writer process of 256 MiB, killed mid-write
 
 KEY = "ab" * 32
 

@@ -16,6 +16,8 @@ from tests.reliability.conftest import MAX_BODY_BYTES, MAX_COMPLETION_TOKENS
 from tests.reliability.fuzzing import error_shape_problem
 from tests.reliability.serving import ADMIN_AUTH, API_AUTH, MODEL_ID
 
+pytestmark = pytest.mark.slow  # real server processes (tiny model)
+
 CONTEXT = 512  # the tiny model's context; its tokenizer is one token per byte
 
 

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.reliability.fuzzing import error_shape_problem
 from tests.reliability.serving import MODEL_ID, server_process, tiny_env
+
+pytestmark = pytest.mark.slow  # real server processes (tiny model)
 
 DRAIN_TIMEOUT_S = 60
 IN_FLIGHT = 4
