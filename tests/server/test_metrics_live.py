@@ -30,6 +30,19 @@ def _scrape(server: ServerProcess) -> dict:
     return samples(response.text)
 
 
+def _idle_scrape(server: ServerProcess, timeout: float = 120.0) -> dict:
+    """A scrape once nothing runs or waits, so that work left by earlier tests on
+    the shared server cannot land between this test's two scrapes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        parsed = _scrape(server)
+        busy = sum(v for (name, _), v in parsed.items()
+                   if name in ("quantserve_requests_running", "quantserve_requests_waiting"))
+        if busy == 0 or time.monotonic() > deadline:
+            return parsed
+        time.sleep(0.5)
+
+
 def _labels(parsed: dict, name: str) -> dict[str, str]:
     """The model labels of the served model, as the scrape reports them."""
     for sample_name, labels in parsed:
@@ -39,7 +52,7 @@ def _labels(parsed: dict, name: str) -> dict[str, str]:
 
 
 def test_counters_and_histograms_move_by_what_was_served(served: ServerProcess) -> None:
-    before = _scrape(served)
+    before = _idle_scrape(served)
     usages = []
     with httpx.Client(base_url=served.base_url, headers=AUTH, timeout=120) as http:
         completion = http.post("/v1/completions", headers={"X-Request-ID": "live-metrics-1"},
