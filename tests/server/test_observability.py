@@ -139,3 +139,12 @@ def test_streamed_response_is_timed_to_its_last_chunk(client: TestClient, log_li
     assert response.headers["X-Request-ID"] == "stream-check"
     line = json.loads(next(x for x in log_lines if '"stream-check"' in x))
     assert line["duration_s"] >= 2 * STREAM_PAUSE_S
+
+
+def test_metrics_format_follows_the_accept_header(client: TestClient) -> None:
+    plain = client.get("/metrics")
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
+    openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+    assert "quantserve_http_request_duration_seconds" in openmetrics.text
