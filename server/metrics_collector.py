@@ -18,7 +18,7 @@ from __future__ import annotations
 import resource
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ class _ModelFacts:
 
     weight_bytes: int
     param_count: int
-    bits_per_weight: float
+    bytes_per_weight: float
     device: str
     dtype: str
 
@@ -125,7 +125,7 @@ class ServerStateCollector(Collector):
         facts = _ModelFacts(
             weight_bytes=int(loaded.weight_bytes),
             param_count=count,
-            bits_per_weight=8 * stored / count if count else 0.0,
+            bytes_per_weight=stored / count if count else 0.0,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
         )
@@ -133,7 +133,9 @@ class ServerStateCollector(Collector):
         return facts
 
     @staticmethod
-    def _engine_gauges(engine: Any, labels: list[str] | None) -> Iterator[Metric]:
+    def _engine_gauges(
+        engine: Any, labels: list[str] | None
+    ) -> Generator[Metric, None, int]:
         """Queue and batch gauges; returns the KV-cache bytes for the memory breakdown."""
         families = {
             "running": GaugeMetricFamily(
@@ -173,7 +175,7 @@ class ServerStateCollector(Collector):
             "Weights of the active model, counting each quantised weight once.",
             labels=_MODEL_LABELS)
         # Prometheus names use base units, so bits per weight is exported in bytes.
-        bits = GaugeMetricFamily(
+        per_weight = GaugeMetricFamily(
             "quantserve_model_weight_bytes_per_parameter",
             "Stored bytes per weight of the active model (times 8: bits per weight).",
             labels=_MODEL_LABELS)
@@ -185,13 +187,13 @@ class ServerStateCollector(Collector):
             info.add_metric([*labels, facts.dtype, facts.device], 1)
             weights.add_metric(labels, facts.weight_bytes)
             params.add_metric(labels, facts.param_count)
-            bits.add_metric(labels, facts.bits_per_weight / 8)
+            per_weight.add_metric(labels, facts.bytes_per_weight)
             report = (loaded.metadata or {}).get("quality") or {}
             for name, (_, key) in QUALITY_GAUGES.items():
                 value = report.get(key)
                 if isinstance(value, int | float):
                     quality[name].add_metric(labels, float(value))
-        yield from (info, weights, params, bits, *quality.values())
+        yield from (info, weights, params, per_weight, *quality.values())
 
     @staticmethod
     def _memory_gauges(facts: _ModelFacts | None, kv_bytes: int) -> Iterator[Metric]:
