@@ -58,6 +58,7 @@ request_log = logging.getLogger(LOGGER_NAME)
 
 
 def _request_id_from(scope: Scope) -> str:
+    """The client's X-Request-ID when it is safe to echo and log, else a new id."""
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
@@ -101,6 +102,7 @@ def _timings_for_log(timings: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
+    """Fallback for json.dumps: a route may store any object on request.state."""
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return str(value)
