@@ -102,11 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.started_at = int(time.time())
 
     install_error_handlers(app)
-    install_observability(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    # Added last, so outermost: 413s and CORS answers get a request id and a metric too.
+    install_observability(app)
     app.include_router(health.router)
     install_quantization(app, settings, resolve_device(settings.device))
     v1 = [Depends(require_api_key), Depends(require_engine)]
