@@ -89,12 +89,12 @@ def start_quantization(body: QuantizeRequest, request: Request) -> JSONResponse:
     except QuantizationError as exc:
         raise _config_error(exc) from exc
     artifact = jobs.cached(spec)
-    if artifact is not None:
+    info = jobs.store.info(spec.key) if artifact is not None else None
+    if artifact is not None and info is not None:
         try:
             loaded = jobs.activate_artifact(artifact)
         except NotServing as exc:
             raise _not_serving(exc) from exc
-        info = next(i for i in jobs.store.list() if i.key == artifact.key)
         hit = CacheHit(artifact=ArtifactSummary.of(info, jobs.active_key), served=_served(loaded))
         return JSONResponse(hit.model_dump(mode="json"), status_code=200)
     job = jobs.submit(spec)
