@@ -36,6 +36,25 @@ from quantizers.runtime import (  # noqa: E402 - after the repo root is importab
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
 ROWS = [1, 8, 128]
 SECTION = "## Kernels"
+FINDINGS = [
+    "What the runtime does with this (decided from these measurements):",
+    "",
+    "- Decode (M = 1): the weight-only modules beat the bfloat16 matmul on every",
+    "  shape and the float32 one on the three larger shapes, where the weight bytes",
+    "  dominate; on 576x576 and 576x192 the module's fixed per-call cost (reshape,",
+    "  casts, padding: tens of us) makes it slower than a float32 matmul that small.",
+    "- `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` cost grows linearly",
+    "  with M: from M = 8 they are at best on par with a bfloat16 matmul and at",
+    "  M = 128 about 3x slower (still faster than float32). `Int8WeightOnlyLinear`",
+    "  therefore switches from 32 rows to casting its int8 weight to bfloat16 in",
+    "  chunks of 2048 output rows plus a bfloat16 matmul (the `int8 module` column).",
+    "- int4 has no such escape: its CPU packing is opaque, and keeping a second,",
+    "  unpacked copy would double its bytes. int4 prefill stays on the kernel, ~0.35-0.6x",
+    "  of bfloat16 float at M = 128 but faster than float32.",
+    "- W8A8 on `torch._int_mm` is on par with or faster than bfloat16 from M = 8 and",
+    "  the fastest path at M = 128; at M = 1 on the small shapes the per-token",
+    "  activation quantisation costs more than it saves (0.6-0.9x of bfloat16).",
+]
 
 
 def time_call(fn: Callable[[], Tensor], budget_s: float) -> float:
@@ -130,6 +149,7 @@ def markdown(rows: list[dict[str, object]], command: str) -> str:
                 f"| {k} x {n} | {m} | {first['fp32_us']:.0f} | {first['bf16_us']:.0f} | "
                 + " | ".join(cells) + " |"
             )
+    lines += ["", *FINDINGS]
     return "\n".join(lines) + "\n"
 
 
