@@ -166,10 +166,12 @@ class JobManager:
         return self.store.get(spec.key)
 
     def submit(self, spec: VariantSpec) -> Job:
-        """Queue a job, or return the queued/running one building the same key."""
+        """Queue a job, or return the queued/running one building the same key
+        (unless that one is being cancelled)."""
         with self._lock:
             for job in self._jobs.values():
-                if job.spec.key == spec.key and not job.state.finished:
+                if (job.spec.key == spec.key and not job.state.finished
+                        and not job.cancel_requested.is_set()):
                     return job
             job = Job(id=f"qjob-{uuid.uuid4().hex[:16]}", spec=spec)
             self._remember(job)

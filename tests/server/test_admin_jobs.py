@@ -123,6 +123,7 @@ def test_cancel_queued_and_running_jobs_keeps_the_served_model(
     assert engine.loaded.variant == "float"
     assert generate_variant(engine) == "float"
     assert queued.started_at is None, "a cancelled queued job never runs"
+    assert jobs.submit(queued.spec) is not queued, "a new request is not tied to a cancelled job"
 
 
 def test_failing_job_reports_why_and_keeps_serving(
