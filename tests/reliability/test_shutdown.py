@@ -18,8 +18,8 @@ from tests.reliability.serving import MODEL_ID, server_process, tiny_env
 pytestmark = pytest.mark.slow  # real server processes (tiny model)
 
 DRAIN_TIMEOUT_S = 60
-IN_FLIGHT = 4
-MAX_TOKENS = 400
+IN_FLIGHT = 6
+MAX_TOKENS = 500
 
 
 def stream_completion(base_url: str, results: list[dict], started: threading.Event) -> None:
@@ -37,7 +37,7 @@ def stream_completion(base_url: str, results: list[dict], started: threading.Eve
 def test_sigterm_finishes_in_flight_and_refuses_new_work(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    # One sequence at a time: four streams of 400 tokens keep the drain busy for seconds.
+    # One sequence at a time: six streams of 500 tokens keep the drain busy for a while.
     env = tiny_env(tiny_model, tmp_path / "cache", QUANTSERVE_MAX_BATCH="1",
                    QUANTSERVE_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S))
     with server_process(tmp_path, env) as server:
@@ -51,7 +51,7 @@ def test_sigterm_finishes_in_flight_and_refuses_new_work(
         assert started.wait(30), "a stream started"
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.05)
 
         with httpx.Client(base_url=server.base_url, timeout=10) as http:
             refused = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "late",
