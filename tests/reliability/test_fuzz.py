@@ -3,7 +3,10 @@ spec (filtered to the routes quantserve implements): no 5xx, OpenAI error
 bodies on every 4xx, responses valid against the schema.
 
 CI runs a few examples per operation; `make test-nightly` runs the
-`nightly` variants with many more.
+`nightly` variants with many more. Two edits to the official spec, both
+outside what it says about requests and responses: `GET /chat/completions`
+(listing stored completions, which quantserve does not keep) is left out, and
+`seed`'s int64 bounds, written there as strings, are given as numbers.
 """
 
 from __future__ import annotations
