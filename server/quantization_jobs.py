@@ -34,7 +34,6 @@ from server.variant_pipeline import (
     BuildHooks,
     VariantSpec,
     build_variant,
-    load_tokenizer,
     load_variant,
     resolve_spec,
 )
@@ -238,7 +237,7 @@ class JobManager:
             if artifact is not None:
                 job.cache_hit = True
                 with hooks.timed("load_artifact"):
-                    loaded = load_variant(artifact, self.base, load_tokenizer(self.base.source))
+                    loaded = load_variant(artifact, self.base)
             else:
                 loaded, artifact = build_variant(spec, self.base, self.store, hooks,
                                                  quality_tokens=self.quality_tokens)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from quantizers.artifacts.writing import is_shard
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -25,9 +27,13 @@ class Artifact:
     def load_tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """All tensors of the artifact, merged across its shard files."""
         tensors: dict[str, torch.Tensor] = {}
-        for name in sorted(self.manifest["files"]):
+        for name in sorted(filter(is_shard, self.manifest["files"])):
             tensors.update(load_file(self.path / name, device=str(device)))
         return tensors
+
+    def has_file(self, name: str) -> bool:
+        """Whether the artifact holds (verified) extra file `name`."""
+        return name in self.manifest["files"] and not is_shard(name)
 
 
 @dataclass(frozen=True)

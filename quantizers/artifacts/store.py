@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,12 @@ from quantizers.artifacts.manifest import (
     file_entries,
 )
 from quantizers.artifacts.staging import new_temp_dir, remove_stale_temp_dirs, remove_tree
-from quantizers.artifacts.writing import fsync_directory, write_durably, write_tensors
+from quantizers.artifacts.writing import (
+    check_extra_names,
+    fsync_directory,
+    write_durably,
+    write_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +100,15 @@ class ArtifactStore:
         tensors: dict[str, torch.Tensor],
         manifest: dict[str, Any],
         *,
+        extra_files: Mapping[str, bytes] | None = None,
         protected: Set[str] = frozenset(),
     ) -> Artifact:
         """Write an artifact atomically and return it.
 
         `manifest` is the caller's content (key inputs, plan, config, quality…);
         the store adds the file list, checksums, sizes and library versions.
+        `extra_files` (plain names → bytes, e.g. tokenizer files) are written
+        beside the tensors and verified like them.
         On any I/O failure (a full disk included) the partial write is removed
         and ArtifactWriteError is raised; committed artifacts are untouched.
         After the commit, least-recently-used artifacts are evicted to respect
@@ -114,10 +122,12 @@ class ArtifactStore:
         if clashes:
             raise ValueError(f"manifest fields reserved for the store: {', '.join(clashes)}")
         json.dumps(manifest, allow_nan=False)
+        extra_files = dict(extra_files or {})
+        check_extra_names(extra_files, MANIFEST_NAME)
         existing = self._lookup(key, count=False)
         if existing is not None:
             return existing
-        staging = self._write_staging(key, tensors, manifest)
+        staging = self._write_staging(key, tensors, manifest, extra_files)
         return self._commit(key, staging, protected)
 
     def delete(self, key: str) -> bool:
@@ -199,13 +209,18 @@ class ArtifactStore:
             self.misses += 1
 
     def _write_staging(
-        self, key: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+        self,
+        key: str,
+        tensors: dict[str, torch.Tensor],
+        manifest: dict[str, Any],
+        extra_files: dict[str, bytes],
     ) -> Path:
         """Write every file into a fresh temp dir; on failure leave nothing behind."""
         staging: Path | None = None
         try:
             staging = new_temp_dir(self._tmp, "write")
             entries = write_tensors(staging, tensors, key, self.max_shard_bytes)
+            entries += [write_durably(staging / name, data) for name, data in extra_files.items()]
             full = build_manifest(key, manifest, entries, created=time.time())
             write_durably(staging / MANIFEST_NAME, json.dumps(full, indent=1).encode())
             fsync_directory(staging)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,6 +20,20 @@ from safetensors.torch import save
 from quantizers.artifacts.manifest import FileEntry
 
 SHARD_PATTERN = "tensors-{index:05d}.safetensors"
+SHARD_PREFIX = "tensors-"
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_shard(name: str) -> bool:
+    return name.startswith(SHARD_PREFIX) and name.endswith(".safetensors")
+
+
+def check_extra_names(names: Iterable[str], reserved: str) -> None:
+    """Extra files sit beside the shards and the manifest: plain names only,
+    none that could be mistaken for either."""
+    for name in names:
+        if not _EXTRA_NAME.fullmatch(name) or name == reserved or name.startswith(SHARD_PREFIX):
+            raise ValueError(f"invalid extra file name {name!r}")
 
 
 def write_durably(path: Path, data: bytes) -> FileEntry:

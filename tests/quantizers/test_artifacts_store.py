@@ -233,3 +233,27 @@ def test_key_depends_on_every_input_and_not_on_dict_order(tmp_path: Path) -> Non
     data.write_text("to be or not to be!")
     after = calibration_identity({"dataset": "custom", "samples": 8}, data)
     assert before["samples"] == 8 and before["data_sha256"] != after["data_sha256"]
+
+
+def test_extra_files_are_stored_verified_and_kept_apart_from_tensors(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    key = key_for("with-tokenizer")
+    extra = {"tokenizer.json": b'{"model": "bpe"}', "chat_template.jinja": b"{{ messages }}"}
+    store.put(key, make_tensors(0), CONTENT, extra_files=extra)
+    artifact = ArtifactStore(tmp_path).get(key)
+    assert artifact.has_file("tokenizer.json") and not artifact.has_file("missing.json")
+    assert (artifact.path / "tokenizer.json").read_bytes() == extra["tokenizer.json"]
+    assert artifact.load_tensors().keys() == make_tensors(0).keys()
+
+    (artifact.path / "chat_template.jinja").write_bytes(b"{{ evil }}")
+    reopened = ArtifactStore(tmp_path)
+    assert reopened.get(key) is None and reopened.corrupt == 1
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "tensors-00009.safetensors", "../x",
+                                  "sub/file", "", ".hidden"])
+def test_extra_file_names_cannot_clash_or_escape(tmp_path: Path, name: str) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(ValueError, match="extra file name"):
+        store.put(key_for("x"), make_tensors(0), CONTENT, extra_files={name: b"x"})
+    assert store.list() == [] and list((tmp_path / "tmp").iterdir()) == []

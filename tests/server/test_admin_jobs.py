@@ -163,6 +163,13 @@ def test_startup_builds_once_then_loads_from_the_cache(model_dir: Path, tmp_path
     assert (warm.store.hits, warm.store.misses) == (1, 0)
     assert reloaded.quantization == loaded.quantization
     assert reloaded.metadata["quality"] == loaded.metadata["quality"]
+    assert warm.store.get(warm_job.artifact).has_file("tokenizer.json"), "tokenizer cached too"
+    text = "héllo wörld 👋"
+    assert reloaded.tokenizer(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
+    messages = [{"role": "user", "content": text}]
+    assert reloaded.tokenizer.apply_chat_template(messages, tokenize=False) == (
+        loaded.tokenizer.apply_chat_template(messages, tokenize=False))
+    assert reloaded.tokenizer.eos_token_id == loaded.tokenizer.eos_token_id
     assert warm.active_key == cold_job.artifact
 
 
