@@ -63,8 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads in each worker (default: torch's choice)")
     parser.add_argument("--output-md", type=Path, default=None, metavar="PATH",
-                        help=f"write the table as the '## {SECTION_TITLE}' section of this "
-                        "markdown file, keeping its other sections")
+                        help="write the table as one '## ' section of this markdown file, "
+                        "keeping its other sections")
+    parser.add_argument("--section", default=SECTION_TITLE, metavar="TITLE",
+                        help=f"title of that section (default: '{SECTION_TITLE}')")
     parser.add_argument("--output-json", type=Path, default=None, metavar="PATH")
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
                         help="PNG of perplexity against weight bytes")
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         write_plot(rows, args.plot, f"{model_name}: {conditions(rows).split('.')[0]}")
     if args.output_md is not None:
-        replace_section(args.output_md, SECTION_TITLE, body)
+        replace_section(args.output_md, args.section, body)
     return 1 if any("error" in row and not is_unavailable(row) for row in rows) else 0
 
 
