@@ -6,6 +6,9 @@ processes hits them alike (report ratios, not absolute figures):
 * `decode`: batch-1 prefill and decode tokens/s. quantserve's engine (fp32,
   bf16, int8, int4 g128) against transformers' `generate` (fp32, bf16) and
   llama-cpp-python on the embedded GGUF (Q4_1) and a Q8_0 requantised from it.
+* `hf-batching`: transformers' own continuous batching (`generate_batch`)
+  against the engine on 8 concurrent prompts, the measurement behind writing
+  our own scheduler.
 * `served`: N concurrent official `openai` clients streaming completions from
   `quantserve serve` and from `python -m llama_cpp.server` on the same GGUF:
   total generated tokens/s, TTFT and end-to-end latency percentiles.
@@ -214,6 +217,63 @@ def decode_ratios(table: dict[str, dict[str, float]]) -> dict[str, float]:
     return ratios
 
 
+# ------------------------------------------------------- transformers batching
+def engine_batch_tps(engine: Engine, prompts: list[list[int]], tokens: int) -> float:
+    """Total generated tokens/s of concurrent greedy requests through the engine."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(ids: list[int]) -> int:
+        async for item in engine.generate(GenerationRequest("bench", ids, params)):
+            if isinstance(item, Finish):
+                return item.completion_tokens
+        return 0
+
+    async def everything() -> list[int]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    start = time.perf_counter()
+    produced = sum(asyncio.run(everything()))
+    return produced / (time.perf_counter() - start)
+
+
+def generate_batch_tps(model: Any, prompts: list[list[int]], tokens: int) -> float:
+    """transformers' own continuous batching (`generate_batch`, paged cache)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=None)
+    start = time.perf_counter()
+    outputs = model.generate_batch(prompts, generation_config=config, max_new_tokens=tokens)
+    produced = sum(len(o.generated_tokens) for o in outputs.values())
+    return produced / (time.perf_counter() - start)
+
+
+def hf_batching_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Why the engine has its own scheduler: transformers' continuous batching
+    against ours on 8 concurrent prompts, bf16, alternating."""
+    torch.set_num_threads(args.threads)
+    loaded = load_model(dtype="bfloat16")
+    prompts = [prompt_ids(loaded.tokenizer, 60, offset=3000 + 700 * i) for i in range(8)]
+    engine = Engine(loaded, max_batch=8, max_batch_tokens=1024, num_threads=args.threads)
+    engine.start()
+    ours: list[float] = []
+    theirs: list[float] = []
+    try:
+        for _ in range(args.reps):
+            theirs.append(generate_batch_tps(loaded.model, prompts, args.served_tokens))
+            ours.append(engine_batch_tps(engine, prompts, args.served_tokens))
+    finally:
+        engine.shutdown()
+    result = {
+        "generate_batch_tps": statistics.median(theirs),
+        "quantserve_tps": statistics.median(ours),
+    }
+    result["ratio"] = result["quantserve_tps"] / result["generate_batch_tps"]
+    print(f"\n8 prompts x {args.served_tokens} tokens, bf16, {args.threads} threads: "
+          f"generate_batch {result['generate_batch_tps']:.1f} tok/s, quantserve engine "
+          f"{result['quantserve_tps']:.1f} tok/s, ratio {result['ratio']:.2f}")
+    return result
+
+
 # --------------------------------------------------------------------- served
 def free_port() -> int:
     with socket.socket() as sock:
@@ -241,6 +301,7 @@ class Served:
     ttft_p95: float
     e2e_p50: float
     e2e_p95: float
+    errors: int
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -255,10 +316,18 @@ def served_load(base_url: str, model: str, clients: int, rounds: int, tokens: in
     ttfts: list[float] = []
     e2es: list[float] = []
     counts: list[int] = []
+    errors: list[str] = []
     lock = threading.Lock()
     topics = ["a dragon", "the sea", "a clockmaker", "winter", "a lost key", "the moon"]
 
     def client(index: int) -> None:
+        try:
+            stream_rounds(index)
+        except Exception as exc:  # a failed request is reported, not fatal to the run
+            with lock:
+                errors.append(repr(exc))
+
+    def stream_rounds(index: int) -> None:
         api = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
         for round_ in range(rounds):
             topic = topics[(index + round_) % len(topics)]
@@ -290,9 +359,11 @@ def served_load(base_url: str, model: str, clients: int, rounds: int, tokens: in
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    if not counts:
+        raise RuntimeError(f"every request to {base_url} failed: {errors[:1]}")
     return Served(
         sum(counts) / wall, percentile(ttfts, 0.5), percentile(ttfts, 0.95),
-        percentile(e2es, 0.5), percentile(e2es, 0.95),
+        percentile(e2es, 0.5), percentile(e2es, 0.95), len(errors),
     )
 
 
@@ -314,7 +385,7 @@ def served_part(args: argparse.Namespace) -> dict[str, Any]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ready(f"http://127.0.0.1:{ours_port}/health", ours, 600)
+        wait_ready(f"http://127.0.0.1:{ours_port}/ready", ours, 900)
         wait_ready(f"http://127.0.0.1:{llama_port}/v1/models", llama, 300)
         targets = {
             "quantserve": (f"http://127.0.0.1:{ours_port}/v1", "smollm2-135m-instruct"),
@@ -332,11 +403,11 @@ def served_part(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nserved: {args.served_tokens} tokens per request, {args.rounds} requests per "
           f"client, quantserve `serve {args.serve_args}`, llama.cpp {args.threads} threads")
     print(f"{'server':<18}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
-          f"{'e2e p50':>9}{'e2e p95':>9}")
+          f"{'e2e p50':>9}{'e2e p95':>9}{'errors':>8}")
     for name, rows in table.items():
         for clients, r in rows.items():
             print(f"{name:<18}{clients:>8}{r.tokens_per_s:>9.1f}{r.ttft_p50:>10.2f}"
-                  f"{r.ttft_p95:>10.2f}{r.e2e_p50:>9.2f}{r.e2e_p95:>9.2f}")
+                  f"{r.ttft_p95:>10.2f}{r.e2e_p50:>9.2f}{r.e2e_p95:>9.2f}{r.errors:>8}")
     ratios = {
         f"{clients} clients tok/s vs llama.cpp server (target >= 3 at 8)": (
             table["quantserve"][clients].tokens_per_s
@@ -354,7 +425,9 @@ def served_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("decode", "served", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("decode", "served", "hf-batching", "all"), default="all"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--prompt-tokens", type=int, default=175)
     parser.add_argument("--tokens", type=int, default=128)
@@ -373,6 +446,8 @@ def main() -> None:
     results: dict[str, Any] = {"threads": args.threads, "argv": sys.argv[1:]}
     if args.part in ("decode", "all"):
         results["decode"] = decode_part(args)
+    if args.part in ("hf-batching", "all"):
+        results["hf_batching"] = hf_batching_part(args)
     if args.part in ("served", "all"):
         results["served"] = served_part(args)
     if args.json:
