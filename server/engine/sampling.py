@@ -43,6 +43,7 @@ def _sample_row(
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
         keep = (cumulative - sorted_probs) < params.top_p
+        keep[0] = True  # top_p = 0 would keep nothing: it means the most likely token
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         pick = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[pick])
