@@ -162,3 +162,21 @@ def test_model_names_are_compared_never_opened(
     assert served.process.poll() is None
     assert post(http, "/v1/completions", {"model": MODEL_ID, "prompt": "hi",
                                           "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("params", [
+    {"top_p": 0, "temperature": 1},
+    {"top_p": 1e-9, "temperature": 2},
+    {"temperature": 1e-9},
+    {"seed": 2**63 - 1, "n": 2, "temperature": 1},
+    {"seed": -(2**63), "temperature": 1},
+])
+def test_extreme_sampling_values_still_generate(http: httpx.Client, params: dict) -> None:
+    """Found by the nightly fuzz: `top_p: 0` used to empty the nucleus (500)."""
+    for path, prompt in (("/v1/completions", {"prompt": "hi"}),
+                         ("/v1/chat/completions",
+                          {"messages": [{"role": "user", "content": "hi"}]})):
+        response = post(http, path, {"model": MODEL_ID, "max_tokens": 4, **prompt, **params})
+        assert response.status_code in (200, 400), response.text
+        if response.status_code == 400:
+            assert_error(response, 400, "seed")
