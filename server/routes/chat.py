@@ -20,7 +20,7 @@ from server.request_params import (
     unsupported,
 )
 from server.routes.responding import (
-    ERROR_RESPONSES,
+    GENERATION_RESPONSES,
     finish_reason,
     record_finish,
     run_to_completion,
@@ -87,7 +87,7 @@ def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> Ch
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses=GENERATION_RESPONSES,
     summary="Create a chat completion",
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):

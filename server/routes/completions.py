@@ -19,7 +19,7 @@ from server.request_params import (
     unsupported,
 )
 from server.routes.responding import (
-    ERROR_RESPONSES,
+    GENERATION_RESPONSES,
     finish_reason,
     record_finish,
     run_to_completion,
@@ -103,7 +103,7 @@ def _prompt_entries(
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses=GENERATION_RESPONSES,
     summary="Create a text completion",
 )
 async def create_completion(body: CompletionRequest, request: Request):

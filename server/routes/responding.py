@@ -33,6 +33,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+# The generation routes answer `stream: true` with server-sent events: document
+# that media type next to the JSON body, so schema-driven clients accept it.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"description": "The completion; with `stream: true`, server-sent events of "
+                         "chunks ending with `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
+
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     """One server-sent event, `data: {...}` and a blank line."""
