@@ -28,6 +28,7 @@ from quantizers.calibration import CalibrationConfig
 from quantizers.errors import LayerQuantizationError
 from quantizers.loading import LoadedModel, load_model
 from server.engine import Engine
+from server.metrics import record_quantization_job
 from server.variant_pipeline import (
     QUALITY_TOKENS,
     BaseModelRef,
@@ -109,6 +110,8 @@ class Job:
         self.state, self.phase, self.error = state, state.value, error
         if self.started_at is not None:
             self.timings["total_s"] = round(self.finished_at - self.started_at, 3)
+        record_quantization_job(self.spec.method, state.value,
+                                self.finished_at - (self.started_at or self.created_at))
 
 
 def describe_error(exc: BaseException) -> dict[str, Any]:
