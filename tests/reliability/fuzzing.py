@@ -118,7 +118,7 @@ def _fuzz_operation(
         try:
             case.validate_response(response, checks=checks)
         except (Exception, BaseExceptionGroup) as exc:  # every failed check, grouped
-            tally.problems.append(f"{where}: {str(exc)[:600]}")
+            tally.problems.append(f"{where}: {str(exc)[:4000]}")
 
     try:
         run()
