@@ -114,8 +114,8 @@ def test_scrapes_stay_fast_while_generating(served: ServerProcess) -> None:
     def generate() -> None:
         started = time.perf_counter()
         response = httpx.post(f"{served.base_url}/v1/completions", headers=AUTH, timeout=300,
-                              json={"model": MODEL, "prompt": "Once upon a time",
-                                    "max_tokens": 8, "temperature": 0})
+                              json={"model": MODEL, "prompt": "1, 2, 3, 4, 5,",
+                                    "max_tokens": 64, "temperature": 0})
         outcome["status"] = response.status_code
         outcome["seconds"] = time.perf_counter() - started
 

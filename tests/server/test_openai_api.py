@@ -145,13 +145,14 @@ def test_health_answers_during_a_long_generation(served: ServerProcess) -> None:
 
     def long_request() -> None:
         httpx.post(f"{served.base_url}/v1/completions", headers=AUTH, timeout=120, json={
-            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200,
+            # Counting never meets EOS, so all 400 tokens are generated (seconds here).
+            "model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400,
             "temperature": 0})
         done.set()
 
     worker = threading.Thread(target=long_request)
     worker.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     started = time.monotonic()
     assert httpx.get(f"{served.base_url}/health", timeout=5).status_code == 200
     assert time.monotonic() - started < 1.0
@@ -236,8 +237,8 @@ def test_unknown_route_uses_error_shape(served: ServerProcess) -> None:
 
 def test_stream_disconnect_frees_the_server(served: ServerProcess) -> None:
     """A client that leaves mid-stream must not keep the engine busy."""
-    body = {"model": MODEL, "prompt": "Write an essay.", "max_tokens": 1500, "temperature": 0,
-            "stream": True}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1500, "temperature": 0,
+            "stream": True}  # counting never meets EOS: only the disconnect can end it early
     with httpx.stream("POST", f"{served.base_url}/v1/completions", headers=AUTH, json=body,
                       timeout=60) as r:
         for line in r.iter_lines():
