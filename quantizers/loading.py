@@ -167,6 +167,27 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype '{name}'; use one of {sorted(table)}") from None
 
 
+def _location(path: Path) -> tuple[Path, dict[str, Any]]:
+    """transformers reads a GGUF through its folder plus `gguf_file=`."""
+    if path.is_file():
+        return path.parent, {"gguf_file": path.name}
+    return path, {}
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer alone, from a GGUF file or a directory of tokenizer files.
+
+    Shared by `load_model` and by artifact loading, so that a quantised variant
+    tokenises exactly like the float model it came from."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = _location(path)
+    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     model: str | os.PathLike[str] | None = None,
     *,
@@ -178,18 +199,15 @@ def load_model(
 
     Raises ModelLoadError with a single line naming the path on any failure.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype)
-    kwargs: dict[str, Any] = {}
-    location = path
-    if path.is_file():
-        location, kwargs["gguf_file"] = path.parent, path.name
+    location, kwargs = _location(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True, **kwargs)
+        tokenizer = load_tokenizer(path)
         lm = AutoModelForCausalLM.from_pretrained(
             location, local_files_only=True, dtype=torch_dtype, **kwargs
         )
@@ -198,8 +216,6 @@ def load_model(
         raise ModelLoadError(f"cannot load model from {path}: {reason}") from exc
     lm.to(device)
     lm.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
         model_id=model_id or model_id_for(path),
         model=lm,

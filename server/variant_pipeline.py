@@ -33,6 +33,7 @@ from quantizers.loading import (
     LoadedModel,
     content_hash,
     load_model,
+    load_tokenizer,
     model_id_for,
     resolve_model_path,
 )
@@ -199,21 +200,6 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
         tokenizer.save_pretrained(directory)
         return {path.name: path.read_bytes() for path in Path(directory).iterdir()
                 if path.is_file()}
-
-
-def load_tokenizer(source: Path) -> Any:
-    """A tokenizer alone, from a GGUF file or a directory of tokenizer files.
-
-    Mirrors what quantizers.loading.load_model does for the tokenizer, so a
-    variant tokenises exactly like the float model it came from."""
-    from transformers import AutoTokenizer
-
-    location, kwargs = (source.parent, {"gguf_file": source.name}) if source.is_file() else (
-        source, {})
-    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _quality(base: Any, quant: Any, tokenizer: Any, tokens: int) -> dict[str, Any]:
