@@ -6,7 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export QUANTSERVE_LOG_LEVEL=${QUANTSERVE_LOG_LEVEL:-warning}
 echo "== ruff"
 .venv/bin/ruff check .
 if [ -f scripts/validate_deploy.sh ]; then
