@@ -8,10 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
 .venv/bin/ruff check .
-if [ -f scripts/validate_deploy.sh ]; then
-    echo "== deployment validators"
-    bash scripts/validate_deploy.sh
-fi
+echo "== deployment validators"
+bash scripts/validate_deploy.sh
 # pytest exits 5 when it collected no test: that counts as a failure here too.
 echo "== fast tests"
 .venv/bin/python -m pytest -m "not slow and not nightly" -q "$@"
