@@ -87,3 +87,13 @@ def as_matrix(x: Tensor, k: int) -> tuple[Tensor, tuple[int, ...]]:
     """[..., K] activations -> contiguous [M, K] in the compute dtype, plus leading dims."""
     lead = tuple(x.shape[:-1])
     return x.reshape(-1, k).to(COMPUTE_DTYPE).contiguous(), lead
+
+
+def check_int8_per_channel(
+    q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int | None, kind: str
+) -> None:
+    """Codes from another method must match the layout of an int8 per-channel module."""
+    if zero is not None or group_size is not None:
+        raise ValueError(f"{kind} weights are symmetric per channel: no zero or group_size")
+    if q.dtype != torch.int8 or scale.shape != (q.shape[0],):
+        raise ValueError("expected int8 codes [N, K] and a scale per output channel [N]")

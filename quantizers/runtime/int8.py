@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantizers.primitives import quantize_per_channel_symmetric
-from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix
+from quantizers.runtime.base import (
+    COMPUTE_DTYPE,
+    QuantizedLinear,
+    as_matrix,
+    check_int8_per_channel,
+)
 from quantizers.runtime.embedding import Int8Embedding
 
 # Rows from which casting the weight and a bfloat16 matmul beat the int8 kernel
@@ -67,10 +72,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         bias: Tensor | None = None,
     ) -> Self:
         """From a method's own int8 codes [N, K] and per-channel scales [N]."""
-        if zero is not None or group_size is not None:
-            raise ValueError("int8 weight-only is symmetric per channel: no zero or group_size")
-        if q.dtype != torch.int8 or scale.shape != (q.shape[0],):
-            raise ValueError("expected int8 codes [N, K] and a scale per output channel [N]")
+        check_int8_per_channel(q, scale, zero, group_size, "int8 weight-only")
         return cls(q, scale, bias)
 
     @classmethod

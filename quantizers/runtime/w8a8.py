@@ -22,7 +22,7 @@ from quantizers.primitives import (
     quantize_per_channel_symmetric,
     quantize_per_token_symmetric,
 )
-from quantizers.runtime.base import QuantizedLinear, as_matrix
+from quantizers.runtime.base import QuantizedLinear, as_matrix, check_int8_per_channel
 
 # cuBLASLt's int8 matmul needs more than 16 rows; smaller batches are padded.
 _CUDA_MIN_ROWS = 17
@@ -105,10 +105,7 @@ class W8A8Linear(QuantizedLinear):
         input_zero: Tensor | None = None,
     ) -> Self:
         """From int8 codes [N, K] and per-channel scales [N], plus optional static input params."""
-        if zero is not None or group_size is not None:
-            raise ValueError("W8A8 weights are symmetric per channel: no zero or group_size")
-        if q.dtype != torch.int8 or scale.shape != (q.shape[0],):
-            raise ValueError("expected int8 codes [N, K] and a scale per output channel [N]")
+        check_int8_per_channel(q, scale, zero, group_size, "W8A8")
         return cls(q, scale, bias, input_scale, input_zero)
 
     @classmethod
