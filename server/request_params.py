@@ -10,7 +10,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from fastapi import Request
+
 from quantizers.loading import LoadedModel
+from server.engine import Engine
 from server.engine.types import SamplingParams
 from server.errors import APIError
 from server.schemas.openai import _Request
@@ -56,6 +59,18 @@ def check_common(req: _Request, settings: Settings) -> None:
         raise unsupported("presence_penalty", "presence_penalty is not supported; send 0")
     if req.frequency_penalty:
         raise unsupported("frequency_penalty", "frequency_penalty is not supported; send 0")
+
+
+def admit(req: _Request, request: Request) -> tuple[Engine, Settings, LoadedModel]:
+    """The engine, settings and served model for a request whose model name and
+    shared parameters have passed their checks. The model is read once, so the
+    whole request sees one variant even if a swap happens meanwhile."""
+    engine: Engine = request.app.state.engine
+    settings: Settings = request.app.state.settings
+    loaded = engine.loaded
+    check_model(req.model, loaded)
+    check_common(req, settings)
+    return engine, settings, loaded
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

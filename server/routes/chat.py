@@ -11,9 +11,8 @@ from server.choices import ChoiceStream, collect
 from server.engine.types import GenerationRequest, TokenDelta, TokenLogprob
 from server.errors import APIError
 from server.request_params import (
-    check_common,
+    admit,
     check_length,
-    check_model,
     context_window,
     new_id,
     sampling_params,
@@ -41,7 +40,6 @@ from server.schemas.openai import (
     ChatTokenLogprob,
     TopLogprob,
 )
-from server.settings import Settings
 
 router = APIRouter()
 
@@ -91,11 +89,7 @@ def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> Ch
     summary="Create a chat completion",
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    engine = request.app.state.engine
-    settings: Settings = request.app.state.settings
-    loaded: LoadedModel = engine.loaded
-    check_model(body.model, loaded)
-    check_common(body, settings)
+    engine, settings, loaded = admit(body, request)
     if body.tools:
         raise unsupported("tools", "tool calling is not supported by this server")
     if body.response_format and body.response_format.get("type", "text") != "text":

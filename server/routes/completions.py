@@ -11,9 +11,8 @@ from server.choices import ChoiceResult, ChoiceStream, collect
 from server.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob
 from server.errors import APIError
 from server.request_params import (
-    check_common,
+    admit,
     check_length,
-    check_model,
     new_id,
     sampling_params,
     unsupported,
@@ -107,11 +106,7 @@ def _prompt_entries(
     summary="Create a text completion",
 )
 async def create_completion(body: CompletionRequest, request: Request):
-    engine = request.app.state.engine
-    settings: Settings = request.app.state.settings
-    loaded: LoadedModel = engine.loaded
-    check_model(body.model, loaded)
-    check_common(body, settings)
+    engine, settings, loaded = admit(body, request)
     if body.suffix:
         raise unsupported("suffix", "suffix (insertion) is not supported by this model")
     n = body.n or 1
