@@ -23,6 +23,15 @@ from quantizers.errors import ConfigError
 # Scales never go below this, so all-zero rows or groups do not divide by zero.
 _MIN_SCALE = 1e-8
 
+# Output rows rounded per step: the float temporaries of a step stay a few MiB
+# even for a [49152, 576] vocabulary projection, instead of a full float copy
+# of the matrix on top of the float model being quantised.
+ROW_CHUNK = 4096
+
+
+def _row_chunks(n: int) -> list[slice]:
+    return [slice(start, min(start + ROW_CHUNK, n)) for start in range(0, n, ROW_CHUNK)]
+
 
 def check_bits(bits: int, low: int = 2, high: int = 8, param: str = "bits") -> None:
     """Reject a bit width the integer grids here cannot represent."""
@@ -39,14 +48,18 @@ def symmetric_qmax(bits: int) -> int:
 def quantize_per_channel_symmetric(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Round-to-nearest symmetric quantisation with one scale per output row.
 
-    Returns (q int8 [N, K], scale float32 [N]).
+    Returns (q int8 [N, K], scale float32 [N]). Rows are rounded in chunks
+    (ROW_CHUNK), so memory beyond the result stays small for any N.
     """
     check_bits(bits)
-    w = w.detach().float()
+    w = w.detach()
     qmax = symmetric_qmax(bits)
     low, high = w.aminmax(dim=1)
-    scale = (torch.maximum(-low, high) / qmax).clamp_min(_MIN_SCALE)
-    q = torch.div(w, scale[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
+    scale = (torch.maximum(-low.float(), high.float()) / qmax).clamp_min(_MIN_SCALE)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for rows in _row_chunks(w.shape[0]):
+        part = torch.div(w[rows].float(), scale[rows, None]).round_().clamp_(-qmax, qmax)
+        q[rows] = part
     return q, scale
 
 
@@ -132,20 +145,23 @@ def quantize_per_group_asymmetric(
     integer_zero: see asymmetric_params (the int4 runtime takes float zeros).
 
     Returns (q uint8 [N, K] in 0..2**bits-1, scale float32 [N, K // g],
-    zero float32 [N, K // g]).
+    zero float32 [N, K // g]). Rows are rounded in chunks (ROW_CHUNK).
     """
     check_bits(bits)
     n, k = w.shape
     _check_group(k, group_size)
-    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    groups = w.detach().reshape(n, k // group_size, group_size)
     ratio = torch.as_tensor(clip_ratio, dtype=torch.float32)
     if bool((ratio <= 0).any()) or bool((ratio > 1).any()):
         raise ConfigError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}", "clip_ratio")
+    low, high = groups.aminmax(dim=-1)
     scale, zero = asymmetric_params(
-        groups.amin(-1) * ratio, groups.amax(-1) * ratio, bits, integer_zero=integer_zero
+        low.float() * ratio, high.float() * ratio, bits, integer_zero=integer_zero
     )
-    q = quantize_to_grid(groups, scale[..., None], zero[..., None], bits)
-    return q.reshape(n, k).to(torch.uint8), scale, zero
+    q = torch.empty((n, k // group_size, group_size), dtype=torch.uint8, device=w.device)
+    for rows in _row_chunks(n):
+        q[rows] = quantize_to_grid(groups[rows], scale[rows, :, None], zero[rows, :, None], bits)
+    return q.reshape(n, k), scale, zero
 
 
 def dequantize_per_group(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:

@@ -32,16 +32,17 @@ from quantizers.loading import weight_bytes
 from quantizers.runtime.base import COMPUTE_DTYPE
 
 # Module-name patterns left in float by default. Only nn.Linear layers are ever
-# targets, so embeddings and norms are listed for clarity; lm_head is opt-in
-# (an override naming it, or a skip list without it) because SmolLM2 ties it to
-# the embeddings and quantising it alone would untie and duplicate the matrix.
+# targets, so embeddings and norms are listed for clarity. Methods whose modules
+# cannot also serve embedding row lookups keep lm_head out by default (an
+# override naming it, or a skip list without it, opts it in): SmolLM2 ties it to
+# the embeddings, and quantising it alone would untie and duplicate the matrix.
 DEFAULT_SKIP: tuple[str, ...] = ("*embed_tokens*", "*norm*", "lm_head")
 
-# The skip list of weight-only methods that store a tied lm_head as int8 codes
-# shared with the embedding (int8, int4 and the methods built on them). That
-# matrix is a fifth of SmolLM2: left in bfloat16 it alone keeps int8 above
-# 0.27x and int4 g128 above 0.16x of the float32 bytes. Opt out per call by
-# putting "lm_head" back in the skip list.
+# The default skip list of the weight-only methods that store a tied lm_head as
+# int8 codes shared with the embedding (`int8`, `int4`). That matrix is a fifth
+# of SmolLM2: left in bfloat16 it alone keeps int8 above 0.27x and int4 g128
+# above 0.16x of the float32 bytes. Opt out per call by putting "lm_head" back
+# in the skip list.
 HEAD_INCLUDED_SKIP: tuple[str, ...] = ("*embed_tokens*", "*norm*")
 
 # Override values that mean "leave this layer in float".
@@ -70,7 +71,8 @@ class MethodConfig:
     `overrides` maps a module-name pattern to field values for the layers it
     matches (first matching pattern wins, in insertion order), or to None /
     {"skip": True} to keep those layers in float. An override beats the skip
-    list, which is how lm_head is opted in: ``overrides={"lm_head": {}}``.
+    list, which is how lm_head is opted in where a method's default skip list
+    leaves it out: ``overrides={"lm_head": {}}``.
     Subclasses add fields and extend `validate()`; construction validates, so an
     invalid config object cannot exist.
     """
@@ -158,10 +160,14 @@ def check_range(value: Any, low: float, high: float, param: str) -> None:
 
 @dataclass(frozen=True)
 class LayerTarget:
-    """One nn.Linear to quantise and the config that applies to it."""
+    """One nn.Linear to quantise and the config that applies to it.
+
+    `module` is the float layer until QuantContext.replace() installs its
+    quantised form, and that form afterwards.
+    """
 
     name: str
-    module: nn.Linear
+    module: nn.Module
     config: Any
 
 
@@ -187,7 +193,10 @@ class QuantContext:
 
     Methods that quantise layer by layer call `quantize_layers(fn)`; methods
     with their own order (GPTQ block by block) use `targets`, `check_cancel()`
-    and `replace()` directly, inside `layer_errors(name)`.
+    and `replace()` directly, inside `layer_errors(name)`. `replace()` points
+    the layer's entry in `targets` at the installed module, so the context does
+    not keep a replaced float layer alive (its memory is freed as soon as the
+    method drops its own references).
     """
 
     def __init__(
@@ -206,19 +215,23 @@ class QuantContext:
         self._progress = progress
         self._should_cancel = should_cancel
         self.targets = self._find_targets()
-        self.tied_head = self._tied_head_name()
+        self._target_index = {target.name: i for i, target in enumerate(self.targets)}
+        self.output_head, self.tied_head = self._head_names()
         self.done = 0
 
-    def _tied_head_name(self) -> str | None:
-        """Name of the output projection when it shares the input embedding's weight."""
+    def _head_names(self) -> tuple[str | None, str | None]:
+        """(name of the nn.Linear output projection, that name again when it
+        shares the input embedding's weight); None where there is none."""
         get_in = getattr(self.model, "get_input_embeddings", None)
         get_out = getattr(self.model, "get_output_embeddings", None)
         if not callable(get_in) or not callable(get_out):
-            return None
+            return None, None
         head, embedding = get_out(), get_in()
-        if not isinstance(head, nn.Linear) or head.weight is not embedding.weight:
-            return None
-        return next(name for name, module in self.model.named_modules() if module is head)
+        if not isinstance(head, nn.Linear):
+            return None, None
+        name = next(name for name, module in self.model.named_modules() if module is head)
+        tied = embedding is not None and head.weight is getattr(embedding, "weight", None)
+        return name, name if tied else None
 
     def share_tied_embedding(self) -> None:
         """Re-tie a quantised lm_head to the embeddings by sharing its int8 codes.
@@ -263,6 +276,9 @@ class QuantContext:
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         module.train(getattr(parent, child).training)
         setattr(parent, child, module)
+        index = self._target_index.get(name)
+        if index is not None:
+            self.targets[index] = dataclasses.replace(self.targets[index], module=module)
         describe = getattr(module, "describe", None)
         details = describe() if callable(describe) else {}
         self.layers[name] = {"kind": type(module).__name__, **details, **info}
@@ -270,18 +286,26 @@ class QuantContext:
         if self._progress is not None:
             self._progress(self.done, len(self.targets))
 
+    def report_progress(self, done: int, total: int) -> None:
+        """Report `done` of `total` steps of a stage that runs before the swaps
+        (GPTQ's solves, sensitivity measurement, refinement rounds), so a job
+        shows movement while the slow part works, not only at the end."""
+        if self._progress is not None:
+            self._progress(done, total)
+
     def layer_errors(self, name: str) -> _LayerErrors:
         """Context manager turning any failure into LayerQuantizationError(name)."""
         return _LayerErrors(name)
 
     def quantize_layers(self, build: Callable[[LayerTarget], nn.Module]) -> None:
         """Replace every target by build(target), one at a time, so the float
-        weight of a layer is released as soon as its quantised form exists."""
-        for target in self.targets:
+        weight of a layer is released as soon as its quantised form is
+        installed (no reference to the float target outlives its build)."""
+        for name in [target.name for target in self.targets]:
             self.check_cancel()
-            with self.layer_errors(target.name):
-                module = build(target)
-            self.replace(target.name, module)
+            with self.layer_errors(name):
+                module = build(self.targets[self._target_index[name]])
+            self.replace(name, module)
 
 
 class _LayerErrors:
@@ -397,8 +421,10 @@ def quantize(
 ) -> QuantReport:
     """Quantise `model` in place with `method` and return the report.
 
-    Layers are replaced one at a time (peak memory ~ the float model plus one
-    layer's quantised result); the model ends in the compute dtype (bfloat16)
+    Layers are replaced one at a time and each float layer is freed once its
+    quantised form is installed (peak memory ~ the float model plus one float
+    layer's temporaries plus the quantised result); the model ends in the
+    compute dtype (bfloat16)
     because the low-bit kernels are fast only with bfloat16 activations. On any
     error the model is left partially quantised and must be discarded.
     """

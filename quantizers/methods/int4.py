@@ -13,6 +13,7 @@ from torch import nn
 
 from quantizers.errors import ConfigError
 from quantizers.registry import (
+    HEAD_INCLUDED_SKIP,
     LayerTarget,
     MethodConfig,
     QuantContext,
@@ -27,14 +28,21 @@ from quantizers.runtime.int8 import Int8WeightOnlyLinear
 class Int4Config(MethodConfig):
     """group_size: input channels sharing one scale/zero (32, 64 or 128).
 
-    pad: zero-pad layers whose input size the group size does not divide; with
-    pad=False such a layer is a ConfigError naming group_size.
+    pad: allow layers whose input size the group size does not divide (their
+    last, partial group gets its own narrower kernel group, see
+    Int4WeightOnlyLinear); with pad=False such a layer is a ConfigError naming
+    group_size.
 
-    An opted-in lm_head tied to the embeddings is quantised to int8 per row
-    instead: the shared matrix must also serve embedding row lookups, which the
-    opaque int4 kernel packing cannot, and int8 codes can (Int8Embedding).
+    The output head (quantised by default, like every linear but embeddings and
+    norms) is int8 per row, tied or not. A tied head must be: the shared matrix
+    also serves embedding row lookups, which the opaque int4 kernel packing
+    cannot and int8 codes can (Int8Embedding). An untied head gets int8 too, as
+    llama.cpp keeps its output tensor at higher precision in 4-bit files: its
+    error lands directly on every logit, and it is one layer, so 8 bits there
+    cost few bytes. Put "lm_head" in `skip` to keep it in bfloat16 instead.
     """
 
+    skip: tuple[str, ...] = HEAD_INCLUDED_SKIP
     group_size: int = 128
     pad: bool = True
 
@@ -47,7 +55,7 @@ class Int4Config(MethodConfig):
 @register_method("int4", Int4Config)
 def apply_int4(model: nn.Module, config: Int4Config, ctx: QuantContext) -> None:
     def build(target: LayerTarget) -> nn.Module:
-        if target.name == ctx.tied_head:
+        if target.name == ctx.output_head:
             return Int8WeightOnlyLinear.from_float(target.module)
         group_size = target.config.group_size
         if not target.config.pad and target.module.in_features % group_size:

@@ -3,10 +3,15 @@
 Weights are asymmetric 4-bit codes with a (scale, zero point) per group of
 `group_size` input channels, packed in the layout of the int4 matmul kernel of
 the module's device (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm`
-on CUDA). Input channels are zero-padded up to a multiple of the group size
-(SmolLM2's 576 with groups of 128) and output channels up to a multiple of 16
-(a CPU kernel requirement); activations are padded to match and the extra
-outputs dropped.
+on CUDA). The kernels need the input size to be a multiple of the group size.
+When it is not (SmolLM2's 576 with groups of 128), the whole groups are one
+packed matrix and the last, partial group a second one whose kernel group is
+the narrowest kernel group size that holds it (64 for 576 = 4 x 128 + 64): both
+kernels run and their outputs are summed. The partial group keeps its single
+(scale, zero) pair, so the numbers are those of zero-padding the group, but
+the padded columns are not stored (zero-padding 576 to 640 would add 11% to the
+codes). Output channels are padded to a multiple of 16 (a CPU kernel
+requirement) and the extra outputs dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantizers.packing import (
+    INT4_MID,
     INT4_N_MULTIPLE,
     int4_matmul,
     kernel_scales_and_zeros,
@@ -31,26 +37,54 @@ from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix
 GROUP_SIZES = (32, 64, 128)
 
 
+def tail_width(in_features: int, group_size: int) -> int:
+    """Stored width of the partial last group: 0 when group_size divides
+    in_features, else the narrowest kernel group size that holds the rest."""
+    rest = in_features % group_size
+    if rest == 0:
+        return 0
+    return min(size for size in (*GROUP_SIZES, group_size) if size >= rest)
+
+
 class Int4WeightOnlyLinear(QuantizedLinear):
-    """y = x @ dequant(q, scale, zero).T + bias, dequantised inside the kernel."""
+    """y = x @ dequant(q, scale, zero).T + bias, dequantised inside the kernel.
+
+    `packed` / `scales_and_zeros` hold the whole groups (None when the layer is
+    narrower than one group), `tail_packed` / `tail_scales_and_zeros` the
+    partial last group (None when group_size divides in_features).
+    """
 
     bits = 4
 
     def __init__(
         self,
-        packed: Tensor,
-        scales_and_zeros: Tensor,
+        packed: Tensor | None,
+        scales_and_zeros: Tensor | None,
         group_size: int,
         in_features: int,
         out_features: int,
         bias: Tensor | None,
+        tail_packed: Tensor | None = None,
+        tail_scales_and_zeros: Tensor | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias)
+        if (packed is None) != (scales_and_zeros is None) or (
+            (tail_packed is None) != (tail_scales_and_zeros is None)
+        ):
+            raise ValueError("packed weights and their scales come in pairs")
+        if scales_and_zeros is None and tail_scales_and_zeros is None:
+            raise ValueError("an int4 layer needs packed weights")
         self.group_size = group_size
-        self.padded_in = scales_and_zeros.shape[0] * group_size
-        self.padded_out = scales_and_zeros.shape[1]
+        self.main_in = 0 if scales_and_zeros is None else scales_and_zeros.shape[0] * group_size
+        self.tail_in = 0 if tail_packed is None else tail_width(in_features, group_size)
+        self.padded_in = self.main_in + self.tail_in
+        self.padded_out = next(
+            sz.shape[1] for sz in (scales_and_zeros, tail_scales_and_zeros) if sz is not None
+        )
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(COMPUTE_DTYPE).contiguous())
+        self.register_buffer("scales_and_zeros", _kernel_dtype(scales_and_zeros))
+        self.register_buffer("tail_packed", tail_packed)
+        self.register_buffer("tail_scales_and_zeros", _kernel_dtype(tail_scales_and_zeros))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128) -> Self:
@@ -61,6 +95,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         """
         weight = pad_to_multiple(linear.weight.detach().float(), group_size, dim=1)
         q, scale, zero = quantize_per_group_asymmetric(weight, 4, group_size, integer_zero=False)
+        del weight
         return cls.from_quantized(q, scale, zero, group_size, linear.bias, linear.in_features)
 
     @classmethod
@@ -77,7 +112,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         """From codes q uint8 [N, Kp] (0..15), scale and zero [N, Kp // g].
 
         Kp must be a multiple of group_size; when the layer's real input size is
-        smaller (padded weights), pass it as `in_features`.
+        smaller (padded weights), pass it as `in_features`: codes beyond the
+        partial last group's stored width are then dropped.
         """
         if zero is None:
             raise ValueError("int4 weight-only is asymmetric: a zero point is required")
@@ -87,43 +123,86 @@ class Int4WeightOnlyLinear(QuantizedLinear):
                 f"codes {tuple(q.shape)} and scales {tuple(scale.shape)} do not match "
                 f"group_size {group_size}"
             )
+        in_features = kp if in_features is None else in_features
+        if not 0 < in_features <= kp:
+            raise ValueError(f"in_features {in_features} must be in 1..{kp}")
         target = torch.device(device) if device is not None else q.device
         extra = (-n) % INT4_N_MULTIPLE
         if extra:
             q = F.pad(q, (0, 0, 0, extra))
             scale = F.pad(scale, (0, 0, 0, extra), value=1.0)
             zero = F.pad(zero, (0, 0, 0, extra))
+        whole = in_features // group_size
+        main_in = whole * group_size
+        tail_in = tail_width(in_features, group_size)
+
+        def pack(columns: slice, groups: slice) -> tuple[Tensor, Tensor]:
+            return (
+                pack_int4(q[:, columns].contiguous(), target),
+                kernel_scales_and_zeros(scale[:, groups], zero[:, groups], COMPUTE_DTYPE).to(
+                    target
+                ),
+            )
+
+        main = pack(slice(0, main_in), slice(0, whole)) if whole else (None, None)
+        tail = (
+            pack(slice(main_in, main_in + tail_in), slice(whole, whole + 1))
+            if tail_in
+            else (None, None)
+        )
         return cls(
-            pack_int4(q, target),
-            kernel_scales_and_zeros(scale, zero, COMPUTE_DTYPE).to(target),
+            *main,
             group_size,
-            in_features if in_features is not None else kp,
+            in_features,
             n,
             None if bias is None else bias.to(target),
+            *tail,
         )
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
         return cls(
-            tensors["packed"],
-            tensors["scales_and_zeros"],
+            tensors.get("packed"),
+            tensors.get("scales_and_zeros"),
             int(meta["group_size"]),
             int(meta["in_features"]),
             int(meta["out_features"]),
             tensors.get("bias"),
+            tensors.get("tail_packed"),
+            tensors.get("tail_scales_and_zeros"),
         )
 
     def describe(self) -> dict[str, Any]:
+        packed = self.packed if self.packed is not None else self.tail_packed
         return {
             **super().describe(),
             "group_size": self.group_size,
-            "layout": self.packed.device.type,
+            "layout": packed.device.type,
         }
 
     def unpacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(q uint8, scale, zero) of the real [N, Kp] layer, read back from the packing."""
-        q = unpack_int4(self.packed, self.padded_out, self.padded_in, self.group_size)
-        scale, zero = split_scales_and_zeros(self.scales_and_zeros.cpu())
+        """(q uint8 [N, Kp], scale, zero [N, Kp // g]) read back from the packing,
+        Kp being in_features rounded up to the group size.
+
+        Codes of input channels past the stored ones (the padding of a partial
+        last group) are those a zero weight rounds to on that group's grid.
+        """
+        codes, scales, zeros = [], [], []
+        parts = [
+            (self.packed, self.scales_and_zeros, self.main_in, self.group_size),
+            (self.tail_packed, self.tail_scales_and_zeros, self.tail_in, self.tail_in),
+        ]
+        for packed, scales_and_zeros, width, group in parts:
+            if packed is not None:
+                codes.append(unpack_int4(packed, self.padded_out, width, group))
+                scale, zero = split_scales_and_zeros(scales_and_zeros.cpu())
+                scales.append(scale)
+                zeros.append(zero)
+        q, scale, zero = torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
+        missing = scale.shape[1] * self.group_size - q.shape[1]
+        if missing:
+            fill = zero[:, -1:].round().clamp(0, 2 * INT4_MID - 1).to(torch.uint8)
+            q = torch.cat([q, fill.expand(-1, missing)], 1)
         n = self.out_features
         return q[:n], scale[:n], zero[:n]
 
@@ -138,7 +217,22 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         x2, lead = as_matrix(x, self.in_features)
         if self.padded_in != self.in_features:
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
-        out = int4_matmul(x2, self.packed, self.group_size, self.scales_and_zeros)
+        out = None
+        if self.packed is not None:
+            head = x2 if self.tail_packed is None else x2[:, : self.main_in].contiguous()
+            out = int4_matmul(head, self.packed, self.group_size, self.scales_and_zeros)
+        if self.tail_packed is not None:
+            tail = int4_matmul(
+                x2[:, self.main_in :].contiguous(),
+                self.tail_packed,
+                self.tail_in,
+                self.tail_scales_and_zeros,
+            )
+            out = tail if out is None else out.add_(tail)
         if self.padded_out != self.out_features:
             out = out[:, : self.out_features]
         return self._finish(out, lead, x.dtype)
+
+
+def _kernel_dtype(scales_and_zeros: Tensor | None) -> Tensor | None:
+    return None if scales_and_zeros is None else scales_and_zeros.to(COMPUTE_DTYPE).contiguous()

@@ -7,6 +7,7 @@ import torch
 
 from quantizers.errors import ConfigError
 from quantizers.primitives import (
+    ROW_CHUNK,
     asymmetric_params,
     dequantize_per_channel,
     dequantize_per_group,
@@ -28,6 +29,19 @@ def test_per_channel_symmetric_error_is_within_half_a_step() -> None:
     assert bool((error <= scale[:, None] / 2 + 1e-6).all())
     # each row's largest magnitude maps exactly onto the grid edge
     assert torch.allclose(scale, w.abs().amax(1) / 127)
+
+
+def test_row_chunks_give_the_same_codes_as_one_pass() -> None:
+    """Rows are rounded ROW_CHUNK at a time (no full float copy of a vocabulary
+    matrix); rows on both sides of a chunk boundary match a one-pass rounding."""
+    torch.manual_seed(3)
+    rows = ROW_CHUNK + 37
+    w = torch.randn(rows, 64) * torch.linspace(0.1, 3.0, rows)[:, None]
+    q, scale = quantize_per_channel_symmetric(w)
+    assert torch.equal(q, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    q4, scale4, zero4 = quantize_per_group_asymmetric(w, 4, 32)
+    one_pass = quantize_to_grid(w.reshape(rows, 2, 32), scale4[..., None], zero4[..., None], 4)
+    assert torch.equal(q4, one_pass.reshape(rows, 64).to(torch.uint8))
 
 
 def test_per_channel_symmetric_bits_limit_the_grid() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantizers.packing import pack_nibbles, unpack_int4
+from quantizers.packing import kernel_scales_and_zeros, pack_int4, pack_nibbles, unpack_int4
 from quantizers.primitives import (
     dequantize_per_channel,
     dequantize_per_group,
@@ -111,7 +111,36 @@ def test_int4_packing_round_trips_through_the_kernel() -> None:
     assert torch.allclose(scale, expected_scale, rtol=0.01)
     # the kernel stores (8 - zero) * scale in bf16, so the zero comes back to ~0.1
     assert torch.allclose(zero, expected_zero, atol=0.1)
-    assert module.padded_in == 128 and module.padded_out == 48
+    # 96 = one whole group of 64 + a partial group stored as one kernel group of 32
+    assert (module.main_in, module.tail_in, module.padded_in) == (64, 32, 96)
+    assert module.padded_out == 48
+
+
+def test_int4_partial_group_stores_no_padding_columns() -> None:
+    """576 inputs in groups of 128: 4 whole groups and a 64-wide one, stored as
+    exactly 576 columns of nibbles (zero-padding to 640 would add 11%)."""
+    linear = make_linear(576, 192, bias=False)
+    module = Int4WeightOnlyLinear.from_float(linear, 128)
+    code_bytes = sum(
+        t.numel() * t.element_size() for t in (module.packed, module.tail_packed)
+    )
+    assert code_bytes == 192 * 576 // 2
+    assert module.scales_and_zeros.shape == (4, 192, 2)
+    assert module.tail_scales_and_zeros.shape == (1, 192, 2)
+    # same numbers as one kernel over the zero-padded layer (old layout), up to
+    # the bf16 rounding of adding the two partial products
+    padded = pad_to_multiple(linear.weight.detach(), 128, dim=1)
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, 128, integer_zero=False)
+    single = Int4WeightOnlyLinear(
+        pack_int4(q, torch.device("cpu")),
+        kernel_scales_and_zeros(scale, zero, torch.bfloat16),
+        128, 576, 192, None,
+    )
+    assert single.padded_in == 640 and single.tail_packed is None
+    x = torch.randn(9, 576)
+    assert relative_error(module(x), single(x)) < 0.01
+    exact = x @ dequantize_per_group(q, scale, zero, 128)[:, :576].t()
+    assert relative_error(module(x), exact) < 0.01
 
 
 def test_int4_from_quantized_with_padding_equals_from_float() -> None:
