@@ -1,4 +1,4 @@
-"""GPTQ, feedback and mixed precision against RTN on SmolLM2-135M, in one process.
+"""Calibrated methods (GPTQ, feedback, mixed, W8A8, SmoothQuant) against RTN, in one process.
 
 `quantserve eval` measures every method in its own worker (load, serving peak,
 decode speed, ...) and scores the float model again for each. This script
@@ -44,6 +44,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("feedback on int4 g128", "feedback", {"start": {"method": "int4"}}),
     ("mixed 5.0 bpw", "mixed", {"target_bits_per_weight": 5.0}),
     ("mixed 6.0 bpw", "mixed", {"target_bits_per_weight": 6.0}),
+    ("w8a8-dynamic", "w8a8-dynamic", {}),
+    ("w8a8-static", "w8a8-static", {}),
+    ("smoothquant", "smoothquant", {}),
+    ("smoothquant static", "smoothquant", {"activations": "static"}),
 ]
 
 

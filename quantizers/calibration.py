@@ -10,8 +10,10 @@ deterministic sample of input rows for methods that score candidate settings.
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -109,12 +111,29 @@ def calibration_batches(tokenizer: Any, cfg: CalibrationConfig) -> list[Tensor]:
     return [ids[s : s + cfg.seq_len].unsqueeze(0) for s in starts]
 
 
+def subsample_batches(batches: Sequence[Tensor], max_tokens: int) -> list[Tensor]:
+    """At most `max_tokens` tokens of the batches, as evenly spaced whole batches.
+
+    Per-channel ranges and a few hundred sampled rows settle long before the
+    64 x 256 tokens a server request calibrates on by default, while every
+    token costs a full forward; evenly spaced batches keep the sample spread
+    over the whole text. At least one batch is always kept.
+    """
+    if not batches:
+        return []
+    per_batch = max(int(batches[0].numel()), 1)
+    keep = min(len(batches), max(max_tokens // per_batch, 1))
+    picks = torch.linspace(0, len(batches) - 1, keep).round().long().tolist()
+    return [batches[i] for i in picks]
+
+
 @dataclass
 class ActivationStats:
     """Statistics of one linear layer's input over all calibration tokens.
 
     Per input channel: absolute max, min, max and sum of squares; `rows` is a
-    deterministic sample of input rows (float32 [S, K]) when requested.
+    deterministic sample of input rows ([S, K], in the input's dtype, which
+    halves their memory under a bfloat16 forward) when requested.
     """
 
     abs_max: Tensor
@@ -143,53 +162,117 @@ class ActivationStats:
         self.count += x.shape[0]
 
 
+class _StatsHooks:
+    """Forward pre-hooks that fill one ActivationStats per distinct input tensor.
+
+    Linears fed the very same tensor (q/k/v after one norm, gate/up after
+    another) share one ActivationStats object, so their statistics are
+    computed once instead of once per linear.
+    """
+
+    def __init__(self, per_batch_rows: int, rows_for: Collection[str] | None) -> None:
+        self.stats: dict[str, ActivationStats] = {}
+        self.per_batch_rows = per_batch_rows
+        self.rows_for = rows_for
+        self._last_input: Tensor | None = None
+        self._last_stats: ActivationStats | None = None
+        self._rows_taken: set[int] = set()
+
+    def start_batch(self) -> None:
+        self._last_input = self._last_stats = None
+        self._rows_taken.clear()
+
+    def hook_for(self, name: str) -> Any:
+        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            raw = args[0]
+            if raw is self._last_input and self._last_stats is not None:
+                item = self._last_stats
+                self.stats.setdefault(name, item)
+                x = None
+            else:
+                x = raw.detach().reshape(-1, raw.shape[-1]).float()
+                item = self.stats.get(name)
+                if item is None:
+                    item = self.stats[name] = ActivationStats.first(x)
+                else:
+                    item.update(x)
+                self._last_input, self._last_stats = raw, item
+            self._keep_rows(name, item, raw)
+
+        return hook
+
+    def _keep_rows(self, name: str, item: ActivationStats, x: Tensor) -> None:
+        wanted = self.rows_for is None or name in self.rows_for
+        if not self.per_batch_rows or not wanted or id(item) in self._rows_taken:
+            return
+        x = x.detach().reshape(-1, x.shape[-1])
+        step = max(x.shape[0] // self.per_batch_rows, 1)
+        item._row_parts.append(x[::step][: self.per_batch_rows].clone())
+        self._rows_taken.add(id(item))
+
+
+def _forward_kwargs(model: nn.Module, hooked: Collection[nn.Module]) -> dict[str, Any]:
+    """Ask a causal LM for the last position's logits only, unless its head is hooked.
+
+    The head's matmul over a 49k vocabulary is a fifth of SmolLM2's forward and
+    its logits are thrown away here.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    forward = getattr(model, "forward", None)
+    if head is None or head in hooked or forward is None:
+        return {}
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        return {}
+    return {"logits_to_keep": 1, "use_cache": False}
+
+
 def collect_activation_stats(
     model: nn.Module,
     batches: list[Tensor],
     module_names: list[str] | None = None,
     keep_rows: int = 0,
     rows_for: Collection[str] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, ActivationStats]:
     """Run the batches through `model` and return input statistics per linear layer.
 
     module_names limits the hooked layers (default: every nn.Linear). With
     keep_rows > 0, about that many evenly spaced input rows are kept for the
-    layers in rows_for (default: every hooked layer).
+    layers in rows_for (default: every hooked layer). Linears that receive the
+    same input tensor share one ActivationStats object. compute_dtype (e.g.
+    bfloat16) runs the forward under CPU autocast: twice as fast on CPU and the
+    activations a bfloat16 quantised model will actually see.
     """
     if not batches:
         raise ConfigError("no calibration batches", "calibration")
     wanted = set(module_names) if module_names is not None else None
-    stats: dict[str, ActivationStats] = {}
     per_batch = -(-keep_rows // len(batches)) if keep_rows > 0 else 0
-
-    def hook_for(name: str) -> Any:
-        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if name in stats:
-                stats[name].update(x)
-            else:
-                stats[name] = ActivationStats.first(x)
-            if per_batch and (rows_for is None or name in rows_for):
-                step = max(x.shape[0] // per_batch, 1)
-                stats[name]._row_parts.append(x[::step][:per_batch].clone())
-
-        return hook
-
-    handles = [
-        module.register_forward_pre_hook(hook_for(name))
+    hooks = _StatsHooks(per_batch, rows_for)
+    modules = {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (wanted is None or name in wanted)
-    ]
+    }
+    handles = [module.register_forward_pre_hook(hooks.hook_for(n)) for n, module in modules.items()]
     device = next(model.parameters()).device
+    kwargs = _forward_kwargs(model, list(modules.values()))
+    autocast = (
+        torch.autocast(device.type, dtype=compute_dtype)
+        if compute_dtype is not None
+        else nullcontext()
+    )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             for batch in batches:
-                model(batch.to(device))
+                hooks.start_batch()
+                model(batch.to(device), **kwargs)
     finally:
+        hooks.start_batch()
         for handle in handles:
             handle.remove()
-    for item in stats.values():
+    for item in hooks.stats.values():
         if item._row_parts:
             item.rows = torch.cat(item._row_parts)[:keep_rows]
             item._row_parts = []
-    return stats
+    return hooks.stats

@@ -1,15 +1,23 @@
 """`smoothquant`: move activation outliers into the weights, then W8A8.
 
 A few input channels of LLM linears carry activations 10-100x larger than
-the rest, so a per-tensor int8 activation grid wastes its resolution on them.
+the rest, so an int8 activation grid wastes its resolution on them.
 SmoothQuant divides each input channel by s = amax_x**alpha / amax_w**(1-alpha)
 and multiplies the matching weight column by s, which leaves the float result
 unchanged and splits the difficulty between activations and weights. The
 division is folded into the op that produces the input (the RMSNorm weight for
 q/k/v and gate/up, the up_proj rows for down_proj), so it is free at run time.
 
-alpha is either fixed, or (default) chosen per group from 0.5..0.85 by the
-quantised output error on sampled calibration rows.
+alpha is either fixed, or (default) chosen per group from ALPHA_GRID by the
+W8A8 output error on sampled calibration rows: a local search on rows kept
+from one calibration pass, never another forward of the model.
+
+Activations are quantised per token at run time by default ("dynamic", the
+paper's O3-style granularity): on SmolLM2 some tokens carry 1000x "massive
+activations" that no single per-tensor scale can serve, and smoothing cannot
+move a token's magnitude into the weights. "static" (per-tensor, calibrated,
+the paper's O1..O2 style) is kept as an option and chooses its range as
+w8a8-static does.
 """
 
 from __future__ import annotations
@@ -19,7 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from quantizers.calibration import ActivationStats, collect_activation_stats
+from quantizers.calibration import ActivationStats
+from quantizers.methods.w8a8 import (
+    CALIBRATION_TOKENS,
+    RANGE_ROWS,
+    StaticRange,
+    calibrate,
+    calibrated_range,
+    check_calibration_tokens,
+)
 from quantizers.primitives import (
     dequantize_per_channel,
     quantize_per_channel_symmetric,
@@ -36,23 +52,27 @@ from quantizers.registry import (
 from quantizers.runtime.w8a8 import W8A8Linear, quantize_static, static_activation_params
 
 ALPHA_GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
-SEARCH_ROWS = 512
+# Sampled input rows per smoothing group that score the alpha candidates.
+SEARCH_ROWS = 256
 _EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(MethodConfig):
     """alpha: migration strength in [0, 1], or None to search ALPHA_GRID per group.
-    activations: "static" (calibrated per-tensor, the classic setting) or "dynamic"."""
+    activations: "dynamic" (per token at run time) or "static" (calibrated per tensor).
+    calibration_tokens: at most this many calibration tokens are run."""
 
     alpha: float | None = None
-    activations: str = "static"
+    activations: str = "dynamic"
+    calibration_tokens: int = CALIBRATION_TOKENS
 
     def validate(self) -> None:
         super().validate()
         if self.alpha is not None:
             check_range(self.alpha, 0.0, 1.0, "alpha")
         check_choice(self.activations, ("static", "dynamic"), "activations")
+        check_calibration_tokens(self.calibration_tokens)
 
 
 @dataclass
@@ -86,54 +106,70 @@ def find_groups(model: nn.Module) -> list[SmoothGroup]:
 
 
 def smoothing_factors(act_abs_max: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """Per input channel s = amax_x**alpha / amax_w**(1-alpha), over all consumers."""
     w_abs_max = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
     factors = act_abs_max.clamp_min(_EPS) ** alpha / w_abs_max.clamp_min(_EPS) ** (1 - alpha)
     return factors.clamp_min(_EPS)
 
 
-def _fake_quant_input(x: Tensor, stats: ActivationStats, factors: Tensor, mode: str) -> Tensor:
+def fake_quantize_input(
+    rows: Tensor, stats: ActivationStats, weights: list[Tensor], factors: Tensor, mode: str
+) -> Tensor:
+    """The smoothed rows as the W8A8 runtime will see them after int8 rounding.
+
+    weights are the consumers' smoothed weights (they weigh the static range search).
+    """
+    x = rows / factors
     if mode == "dynamic":
         q, scale = quantize_per_token_symmetric(x)
         return q.float() * scale
-    scale, zero = static_activation_params(
-        float((stats.min / factors).min()), float((stats.max / factors).max())
-    )
+    scale, zero = static_activation_params(*calibrated_range(stats, weights, factors).bounds)
     return (quantize_static(x, scale, zero).float() - zero) * scale
 
 
 def smoothing_loss(
-    rows: Tensor, stats: ActivationStats, weights: list[Tensor], factors: Tensor, mode: str
+    rows: Tensor,
+    references: list[Tensor],
+    stats: ActivationStats,
+    weights: list[Tensor],
+    factors: Tensor,
+    mode: str,
 ) -> float:
-    """Relative squared error of the W8A8 outputs after smoothing, summed over consumers."""
-    x_q = _fake_quant_input(rows / factors, stats, factors, mode)
+    """Relative squared error of the W8A8 outputs after smoothing, summed over consumers.
+
+    references: each consumer's float output on `rows`, computed once per group.
+    """
+    smoothed = [w.detach().float() * factors for w in weights]
+    x_q = fake_quantize_input(rows, stats, smoothed, factors, mode)
     loss = 0.0
-    for weight in weights:
-        w = weight.detach().float()
-        reference = rows @ w.t()
-        w_q = dequantize_per_channel(*quantize_per_channel_symmetric(w * factors))
+    for weight, reference in zip(smoothed, references, strict=True):
+        w_q = dequantize_per_channel(*quantize_per_channel_symmetric(weight))
         loss += float((x_q @ w_q.t() - reference).square().sum() / reference.square().sum())
     return loss
 
 
-def _choose_alpha(
+def choose_alpha(
     group: SmoothGroup, stats: ActivationStats, weights: list[Tensor], config: SmoothQuantConfig
-) -> tuple[float, Tensor]:
+) -> tuple[float, Tensor, dict[float, float]]:
+    """The alpha, its factors, and the loss of every alpha tried (empty when fixed)."""
     if config.alpha is not None:
-        return config.alpha, smoothing_factors(stats.abs_max, weights, config.alpha)
+        return config.alpha, smoothing_factors(stats.abs_max, weights, config.alpha), {}
     if stats.rows is None:
         raise ValueError(f"no calibration rows were sampled for group {group.name}")
-    scored = []
+    rows = stats.rows[:SEARCH_ROWS].float()
+    references = [rows @ w.detach().float().t() for w in weights]
+    losses: dict[float, float] = {}
+    candidates: dict[float, Tensor] = {}
     for alpha in ALPHA_GRID:
-        factors = smoothing_factors(stats.abs_max, weights, alpha)
-        loss = smoothing_loss(stats.rows, stats, weights, factors, config.activations)
-        scored.append((loss, alpha, factors))
-    _, alpha, factors = min(scored, key=lambda item: item[0])
-    return alpha, factors
+        candidates[alpha] = smoothing_factors(stats.abs_max, weights, alpha)
+        losses[alpha] = smoothing_loss(
+            rows, references, stats, weights, candidates[alpha], config.activations
+        )
+    best = min(losses, key=losses.__getitem__)
+    return best, candidates[best], losses
 
 
-def _smooth(
-    model: nn.Module, group: SmoothGroup, factors: Tensor, stats: list[ActivationStats]
-) -> None:
+def smooth(model: nn.Module, group: SmoothGroup, factors: Tensor) -> None:
     """Fold 1/factors into the producer and factors into the consumers' columns."""
     if group.producer_is_rows:
         group.producer.data.div_(factors.to(group.producer.dtype)[:, None])
@@ -142,42 +178,38 @@ def _smooth(
     for name in group.consumers:
         weight = model.get_submodule(name).weight
         weight.data.mul_(factors.to(weight.dtype)[None, :])
-    for item in stats:
-        item.min, item.max = item.min / factors, item.max / factors
-        item.abs_max = item.abs_max / factors
 
 
 @register_method("smoothquant", SmoothQuantConfig)
 def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantContext) -> None:
-    batches = ctx.require_calibration()
     target_names = {t.name for t in ctx.targets}
     groups = [g for g in find_groups(model) if target_names & set(g.consumers)]
     hooked = sorted(target_names | {c for g in groups for c in g.consumers})
-    stats = collect_activation_stats(
-        model,
-        batches,
-        hooked,
-        keep_rows=SEARCH_ROWS if config.alpha is None else 0,
-        rows_for={g.consumers[0] for g in groups},
-    )
-    chosen: dict[str, float] = {}
+    static = config.activations == "static"
+    keep_rows = RANGE_ROWS if static else SEARCH_ROWS if config.alpha is None else 0
+    stats = calibrate(model, ctx, config.calibration_tokens, keep_rows, hooked)
+    chosen_alpha: dict[str, float] = {}
+    factors_of: dict[str, Tensor] = {}
     for group in groups:
         ctx.check_cancel()
         with ctx.layer_errors(group.consumers[0]):
             weights = [model.get_submodule(c).weight for c in group.consumers]
-            alpha, factors = _choose_alpha(group, stats[group.consumers[0]], weights, config)
-            _smooth(model, group, factors, [stats[c] for c in group.consumers])
-            stats[group.consumers[0]].rows = None
-        chosen[group.name] = alpha
+            alpha, factors, _ = choose_alpha(group, stats[group.consumers[0]], weights, config)
+            smooth(model, group, factors)
+        chosen_alpha[group.name] = alpha
+        factors_of.update(dict.fromkeys(group.consumers, factors))
+
+    ranges: dict[str, StaticRange] = {}
 
     def build(target: LayerTarget) -> nn.Module:
-        if config.activations == "dynamic":
+        if not static:
             return W8A8Linear.from_float(target.module)
-        observed = stats[target.name]
-        return W8A8Linear.from_float(
-            target.module, (float(observed.min.min()), float(observed.max.max()))
+        ranges[target.name] = calibrated_range(
+            stats[target.name], [target.module.weight], factors_of.get(target.name)
         )
+        return W8A8Linear.from_float(target.module, ranges[target.name].bounds)
 
     ctx.quantize_layers(build)
-    ctx.extra["alpha"] = chosen
-    ctx.extra["calibration_tokens"] = sum(int(b.numel()) for b in batches)
+    for name, chosen in ranges.items():
+        ctx.layers[name].update(chosen.report())
+    ctx.extra["alpha"] = chosen_alpha

@@ -13,6 +13,7 @@ from quantizers.calibration import (
     calibration_batches,
     collect_activation_stats,
     data_dir,
+    subsample_batches,
 )
 from quantizers.errors import ConfigError
 
@@ -68,8 +69,12 @@ def test_missing_empty_and_short_files_are_config_errors(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("data", "param"),
-    [({"samples": 0}, "calibration.samples"), ({"seq_len": 4}, "calibration.seq_len"),
-     ({"dataset": ""}, "calibration.dataset"), ({"rows": 3}, "calibration.rows")],
+    [
+        ({"samples": 0}, "calibration.samples"),
+        ({"seq_len": 4}, "calibration.seq_len"),
+        ({"dataset": ""}, "calibration.dataset"),
+        ({"rows": 3}, "calibration.rows"),
+    ],
 )
 def test_invalid_config_names_the_field(data: dict, param: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -102,3 +107,46 @@ def test_module_names_limit_the_hooks() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     stats = collect_activation_stats(model, [torch.randn(2, 4)], module_names=["1"])
     assert set(stats) == {"1"}
+
+
+def test_subsample_keeps_evenly_spaced_whole_batches() -> None:
+    batches = [torch.full((1, 100), i) for i in range(10)]
+    picked = subsample_batches(batches, 400)
+    assert [int(b[0, 0]) for b in picked] == [0, 3, 6, 9]
+    assert subsample_batches(batches, 10_000) == batches
+    assert [int(b[0, 0]) for b in subsample_batches(batches, 1)] == [0]
+
+
+def test_a_shared_input_is_measured_once_and_the_head_is_skipped(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor
+) -> None:
+    """q/k/v read one tensor and share one stats object; the logits are not
+    needed, so the head's matmul only runs when the head itself is hooked."""
+    batches = [tiny_tokens[:1], tiny_tokens[1:]]
+    stats = collect_activation_stats(tiny_llama, batches, keep_rows=8)
+    layer = "model.layers.0.self_attn"
+    assert stats[f"{layer}.q_proj"] is stats[f"{layer}.k_proj"] is stats[f"{layer}.v_proj"]
+    assert stats[f"{layer}.q_proj"] is not stats[f"{layer}.o_proj"]
+    assert stats[f"{layer}.q_proj"].count == tiny_tokens.numel()
+    assert stats[f"{layer}.q_proj"].rows is not None and stats[f"{layer}.q_proj"].rows.shape[0] == 8
+    assert stats["lm_head"].count == tiny_tokens.numel()
+    without_head = collect_activation_stats(tiny_llama, batches, [f"{layer}.q_proj"])
+    assert torch.equal(without_head[f"{layer}.q_proj"].abs_max, stats[f"{layer}.q_proj"].abs_max)
+    inputs: list[torch.Tensor] = []
+    hook = tiny_llama.lm_head.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    try:
+        collect_activation_stats(tiny_llama, batches, [f"{layer}.q_proj"])
+    finally:
+        hook.remove()
+    assert [x.shape[1] for x in inputs] == [1, 1]
+
+
+def test_bfloat16_forward_gives_close_statistics(
+    tiny_llama: nn.Module, tiny_tokens: torch.Tensor
+) -> None:
+    exact = collect_activation_stats(tiny_llama, [tiny_tokens])
+    fast = collect_activation_stats(tiny_llama, [tiny_tokens], compute_dtype=torch.bfloat16)
+    assert set(fast) == set(exact)
+    for name, item in exact.items():
+        assert torch.allclose(fast[name].abs_max, item.abs_max, rtol=0.05, atol=0.02), name
+    assert tiny_llama.lm_head.weight.dtype == torch.float32
