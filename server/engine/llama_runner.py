@@ -12,7 +12,9 @@ runner calls the model's own modules (so quantised drop-in replacements of
   *view* of the cache and never gathers it;
 * rotary tables and the attention mask are computed once per step, not per layer;
 * grouped-query attention at decode folds the query heads that share a KV head
-  into the query-length axis, so keys are never repeated.
+  into the query-length axis, so keys are never repeated;
+* q/k/v and gate/up run as one matmul each and bf16 weights are prepacked for
+  oneDNN (`projections.py`), exactly where that gives the same numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.engine.projections import Projection
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -54,7 +58,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaRunner:
     """Runs prefill and batched decode for one model with its own KV cache."""
 
-    def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int) -> None:
+    def __init__(
+        self, model: nn.Module, *, max_batch: int, max_seq_len: int, prepare: bool = True
+    ) -> None:
+        """`prepare=False` runs the model's modules as they are: the reference
+        the prepared (fused, prepacked) path is tested against."""
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -68,7 +76,26 @@ class LlamaRunner:
         self.final_norm = _rms_norm(body.norm)
         self.input_norms = [_rms_norm(layer.input_layernorm) for layer in self.layers]
         self.post_norms = [_rms_norm(layer.post_attention_layernorm) for layer in self.layers]
-        self.lm_head = model.lm_head
+        # What the embedding hands to the layers: its weight's dtype for a float
+        # embedding, the compute dtype for a quantised one (int8 codes).
+        self.device = next(body.embed_tokens.buffers(), body.embed_tokens.weight).device
+        with torch.inference_mode():
+            self.dtype = self.embed(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
+
+        def projection(*modules: nn.Module) -> Projection:
+            return Projection(modules, prepare=prepare, dtype=self.dtype)
+
+        self.qkv = [
+            projection(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+            for layer in self.layers
+        ]
+        self.o_proj = [projection(layer.self_attn.o_proj) for layer in self.layers]
+        self.gate_up = [
+            projection(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers
+        ]
+        self.down = [projection(layer.mlp.down_proj) for layer in self.layers]
+        self.act = [layer.mlp.act_fn for layer in self.layers]
+        self.lm_head = projection(model.lm_head)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -78,8 +105,6 @@ class LlamaRunner:
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        self.dtype = body.embed_tokens.weight.dtype
-        self.device = body.embed_tokens.weight.device
         shape = (max_batch, self.num_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = [self._empty(shape) for _ in self.layers]
         self.v_cache = [self._empty(shape) for _ in self.layers]
@@ -91,6 +116,13 @@ class LlamaRunner:
         self.sin = sin[0].to(self.dtype)
         self.batch_index = torch.arange(max_batch, device=self.device)
         self.key_positions = torch.arange(max_seq_len, device=self.device)
+        self._step = self._decode_step
+
+    @property
+    def prepared_weight_bytes(self) -> int:
+        """Bytes of the fused / prepacked weight copies this runner holds."""
+        projections = [*self.qkv, *self.o_proj, *self.gate_up, *self.down, self.lm_head]
+        return sum(p.weight_bytes for p in projections)
 
     def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -106,12 +138,12 @@ class LlamaRunner:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
-    def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        mlp = layer.mlp
-        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[index](h)
+        return self.down[index](self.act[index](gate) * up)[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(hidden)).float()
+        return self.lm_head(self.final_norm(hidden))[0].float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -122,17 +154,16 @@ class LlamaRunner:
         projection of every other prompt token.
         """
         length = len(token_ids)
-        ids = torch.tensor([token_ids], device=self.device)
+        ids = torch.tensor(token_ids, device=self.device)
         x = self.embed(ids)
         cos = self.cos[:length][None, None]
         sin = self.sin[:length][None, None]
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            attn = layer.self_attn
-            h = self.input_norms[index](x)
-            q = attn.q_proj(h).view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self.qkv[index](self.input_norms[index](x))
+            q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache[slot, :, :length] = k[0]
@@ -140,9 +171,9 @@ class LlamaRunner:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.group > 1
             )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, length, -1))
-            x = x + self._mlp(layer, self.post_norms[index](x))
-        hidden = x[0] if all_logits else x[0, -1:]
+            x = x + self.o_proj[index](out.transpose(1, 2).reshape(length, -1))[0]
+            x = x + self._mlp(index, self.post_norms[index](x))
+        hidden = x if all_logits else x[-1:]
         return self._logits(hidden)
 
     @torch.inference_mode()
@@ -153,20 +184,39 @@ class LlamaRunner:
         newest token and the cache position it goes to. Returns float32 logits
         `[B, vocab]`.
         """
-        batch = token_ids.shape[0]
         span = int(positions.max()) + 1
+        mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
+        return self._step(token_ids, positions, mask)
+
+    def compile_decode(self) -> None:
+        """Run decode steps through `torch.compile` (inductor) from now on.
+
+        Batch size and attention span are dynamic dimensions, so one graph (and
+        one more for batch 1, which is specialised) serves every step; the
+        compilation itself happens on the first calls, which is why the caller
+        runs them at warm-up. `eager_decode` undoes it.
+        """
+        self._step = torch.compile(self._decode_step, dynamic=True)
+
+    def eager_decode(self) -> None:
+        """Decode steps without `torch.compile` (the default)."""
+        self._step = self._decode_step
+
+    def _decode_step(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch = token_ids.shape[0]
+        span = mask.shape[-1]
         rows = self.batch_index[:batch]
         cos = self.cos[positions][:, None]
         sin = self.sin[positions][:, None]
-        mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
         x = self.embed(token_ids)
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            attn = layer.self_attn
-            h = self.input_norms[index](x)
-            q = attn.q_proj(h).view(batch, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(batch, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(batch, self.num_kv_heads, self.head_dim)
+            q, k, v = self.qkv[index](self.input_norms[index](x))
+            q = q.view(batch, self.num_heads, self.head_dim)
+            k = k.view(batch, self.num_kv_heads, self.head_dim)
+            v = v.view(batch, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache[rows, :, positions] = k
@@ -176,6 +226,6 @@ class LlamaRunner:
                 q, k_cache[:batch, :, :span], v_cache[:batch, :, :span],
                 attn_mask=mask, scale=self.scaling,
             )
-            x = x + attn.o_proj(out.reshape(batch, -1))
-            x = x + self._mlp(layer, self.post_norms[index](x))
+            x = x + self.o_proj[index](out.reshape(batch, -1))[0]
+            x = x + self._mlp(index, self.post_norms[index](x))
         return self._logits(x)
