@@ -5,6 +5,10 @@ bitsandbytes may be missing, or unable to run on the machine (its fast CPU
 works). Whether it runs is probed once, on a tiny layer, when a request first
 asks for one of these methods, and a failure is reported as
 MethodUnavailableError with the reason rather than surfacing midway.
+
+Unlike `int8` and `int4`, these keep lm_head out by default (DEFAULT_SKIP):
+bitsandbytes modules cannot serve the embedding's row lookups, so quantising a
+tied head would leave the float embedding in place and store the matrix twice.
 """
 
 from __future__ import annotations
