@@ -132,8 +132,8 @@ class ActivationStats:
     """Statistics of one linear layer's input over all calibration tokens.
 
     Per input channel: absolute max, min, max and sum of squares; `rows` is a
-    deterministic sample of input rows ([S, K], in the input's dtype, which
-    halves their memory under a bfloat16 forward) when requested.
+    deterministic sample of input rows ([S, K], in the input's dtype or the
+    forward's compute dtype) when requested.
     """
 
     abs_max: Tensor
@@ -170,10 +170,13 @@ class _StatsHooks:
     computed once instead of once per linear.
     """
 
-    def __init__(self, per_batch_rows: int, rows_for: Collection[str] | None) -> None:
+    def __init__(
+        self, per_batch_rows: int, rows_for: Collection[str] | None, row_dtype: torch.dtype | None
+    ) -> None:
         self.stats: dict[str, ActivationStats] = {}
         self.per_batch_rows = per_batch_rows
         self.rows_for = rows_for
+        self.row_dtype = row_dtype
         self._last_input: Tensor | None = None
         self._last_stats: ActivationStats | None = None
         self._rows_taken: set[int] = set()
@@ -207,7 +210,8 @@ class _StatsHooks:
             return
         x = x.detach().reshape(-1, x.shape[-1])
         step = max(x.shape[0] // self.per_batch_rows, 1)
-        item._row_parts.append(x[::step][: self.per_batch_rows].clone())
+        rows = x[::step][: self.per_batch_rows]
+        item._row_parts.append(rows.to(self.row_dtype or rows.dtype, copy=True))
         self._rows_taken.add(id(item))
 
 
@@ -241,14 +245,15 @@ def collect_activation_stats(
     keep_rows > 0, about that many evenly spaced input rows are kept for the
     layers in rows_for (default: every hooked layer). Linears that receive the
     same input tensor share one ActivationStats object. compute_dtype (e.g.
-    bfloat16) runs the forward under CPU autocast: twice as fast on CPU and the
-    activations a bfloat16 quantised model will actually see.
+    bfloat16) runs the forward under autocast: twice as fast on CPU and the
+    activations a bfloat16 quantised model will actually see; sampled rows are
+    then kept in that dtype too (the quantised layers round their inputs to it).
     """
     if not batches:
         raise ConfigError("no calibration batches", "calibration")
     wanted = set(module_names) if module_names is not None else None
     per_batch = -(-keep_rows // len(batches)) if keep_rows > 0 else 0
-    hooks = _StatsHooks(per_batch, rows_for)
+    hooks = _StatsHooks(per_batch, rows_for, compute_dtype)
     modules = {
         name: module
         for name, module in model.named_modules()
@@ -257,8 +262,10 @@ def collect_activation_stats(
     handles = [module.register_forward_pre_hook(hooks.hook_for(n)) for n, module in modules.items()]
     device = next(model.parameters()).device
     kwargs = _forward_kwargs(model, list(modules.values()))
+    # No weight-cast cache: it would hold a low-precision copy of every weight
+    # until the pass ends, which is most of the float model again.
     autocast = (
-        torch.autocast(device.type, dtype=compute_dtype)
+        torch.autocast(device.type, dtype=compute_dtype, cache_enabled=False)
         if compute_dtype is not None
         else nullcontext()
     )

@@ -31,10 +31,10 @@ from quantizers.calibration import ActivationStats
 from quantizers.methods.w8a8 import (
     CALIBRATION_TOKENS,
     RANGE_ROWS,
-    StaticRange,
     calibrate,
     calibrated_range,
     check_calibration_tokens,
+    static_ranges,
 )
 from quantizers.primitives import (
     dequantize_per_channel,
@@ -186,8 +186,11 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantCon
     groups = [g for g in find_groups(model) if target_names & set(g.consumers)]
     hooked = sorted(target_names | {c for g in groups for c in g.consumers})
     static = config.activations == "static"
-    keep_rows = RANGE_ROWS if static else SEARCH_ROWS if config.alpha is None else 0
-    stats = calibrate(model, ctx, config.calibration_tokens, keep_rows, hooked)
+    if static:
+        stats = calibrate(model, ctx, config.calibration_tokens, hooked, RANGE_ROWS)
+    else:
+        searched = [g.consumers[0] for g in groups] if config.alpha is None else []
+        stats = calibrate(model, ctx, config.calibration_tokens, hooked, SEARCH_ROWS, searched)
     chosen_alpha: dict[str, float] = {}
     factors_of: dict[str, Tensor] = {}
     for group in groups:
@@ -199,15 +202,12 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantCon
         chosen_alpha[group.name] = alpha
         factors_of.update(dict.fromkeys(group.consumers, factors))
 
-    ranges: dict[str, StaticRange] = {}
+    ranges = static_ranges(ctx, stats, factors_of) if static else {}
+    stats.clear()
 
     def build(target: LayerTarget) -> nn.Module:
-        if not static:
-            return W8A8Linear.from_float(target.module)
-        ranges[target.name] = calibrated_range(
-            stats[target.name], [target.module.weight], factors_of.get(target.name)
-        )
-        return W8A8Linear.from_float(target.module, ranges[target.name].bounds)
+        chosen = ranges.get(target.name)
+        return W8A8Linear.from_float(target.module, chosen.bounds if chosen else None)
 
     ctx.quantize_layers(build)
     for name, chosen in ranges.items():

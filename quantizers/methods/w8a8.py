@@ -15,6 +15,7 @@ down_proj inputs, with 1000x "massive activation" tokens) are visible there.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -121,18 +122,46 @@ def calibrated_range(
 
 
 def calibrate(
-    model: nn.Module, ctx: QuantContext, tokens: int, keep_rows: int, names: list[str]
+    model: nn.Module,
+    ctx: QuantContext,
+    tokens: int,
+    names: list[str],
+    keep_rows: int = 0,
+    rows_for: Collection[str] | None = None,
 ) -> dict[str, ActivationStats]:
     """Input statistics of the named linears from at most `tokens` calibration tokens.
 
-    The forward runs in bfloat16, the dtype the quantised model computes in.
+    The forward runs in bfloat16, the dtype the quantised model computes in;
+    keep_rows rows are sampled for the layers in rows_for (default: all).
     """
     batches = subsample_batches(ctx.require_calibration(), tokens)
     stats = collect_activation_stats(
-        model, batches, names, keep_rows=keep_rows, compute_dtype=COMPUTE_DTYPE
+        model, batches, names, keep_rows, rows_for, compute_dtype=COMPUTE_DTYPE
     )
     ctx.extra["calibration_tokens"] = sum(int(b.numel()) for b in batches)
     return stats
+
+
+def static_ranges(
+    ctx: QuantContext,
+    stats: dict[str, ActivationStats],
+    factors_of: Mapping[str, Tensor] | None = None,
+) -> dict[str, StaticRange]:
+    """The calibrated input range of every target, then the statistics are dropped.
+
+    Choosing all ranges before any layer is replaced lets the sampled rows go
+    before the quantised layers are built, so the two never add up in memory.
+    factors_of: the smoothing factors already folded into each target's input.
+    """
+    ranges = {}
+    for target in ctx.targets:
+        with ctx.layer_errors(target.name):
+            factors = (factors_of or {}).get(target.name)
+            ranges[target.name] = calibrated_range(
+                stats[target.name], [target.module.weight], factors
+            )
+    stats.clear()
+    return ranges
 
 
 @register_method("w8a8-dynamic", W8A8DynamicConfig)
@@ -146,12 +175,11 @@ def apply_w8a8_dynamic(model: nn.Module, config: W8A8DynamicConfig, ctx: QuantCo
 @register_method("w8a8-static", W8A8StaticConfig)
 def apply_w8a8_static(model: nn.Module, config: W8A8StaticConfig, ctx: QuantContext) -> None:
     stats = calibrate(
-        model, ctx, config.calibration_tokens, RANGE_ROWS, [t.name for t in ctx.targets]
+        model, ctx, config.calibration_tokens, [t.name for t in ctx.targets], RANGE_ROWS
     )
-    ranges: dict[str, StaticRange] = {}
+    ranges = static_ranges(ctx, stats)
 
     def build(target: LayerTarget) -> nn.Module:
-        ranges[target.name] = calibrated_range(stats[target.name], [target.module.weight])
         return W8A8Linear.from_float(target.module, ranges[target.name].bounds)
 
     ctx.quantize_layers(build)

@@ -230,7 +230,9 @@ def test_calibrated_static_range_beats_the_observed_max() -> None:
     chosen = calibrated_range(stats, [linear.weight])
     low, high = float(stats.min.min()), float(stats.max.max())
     assert chosen.clip < 1.0
-    assert chosen.error < static_output_error(observed, linear.weight.square().sum(0), low, high)
+    assert chosen.error < static_output_error(
+        observed, linear.weight.detach().square().sum(0), low, high
+    )
     fresh = activations(256)
     plain = W8A8Linear.from_float(linear, (low, high))
     tuned = W8A8Linear.from_float(linear, chosen.bounds)
