@@ -145,7 +145,7 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
     ids = prompt_ids(base.tokenizer, args.prompt_tokens)
     contenders: dict[str, Callable[[], Speed]] = {}
     engines: list[Engine] = []
-    warmups: dict[str, float] = {}
+    warmups: dict[str, dict[str, float]] = {}
     for name in args.variants.split(","):
         loaded = variant_model(base, name)
         if name in ("fp32", "bf16"):
@@ -153,8 +153,13 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
             contenders[f"generate {name}"] = (
                 lambda m=model: generate_speed(m, ids, args.tokens)
             )
-        engine = Engine(loaded, max_batch=1, max_batch_tokens=1024, num_threads=args.threads)
-        warmups[name] = engine.start()
+        engine = Engine(loaded, max_batch=1, max_batch_tokens=1024, num_threads=args.threads,
+                        compile=args.compile)
+        engine.start()  # compilation and warm-up happen here, outside the timed runs
+        extra = engine.stats().extra
+        warmups[name] = {
+            key: extra[key] for key in ("warmup_seconds", "compile_seconds", "decode_compiled")
+        }
         engines.append(engine)
         contenders[f"quantserve {name}"] = lambda e=engine: engine_speed(e, ids, args.tokens)
     if args.llama:
@@ -185,6 +190,11 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, speeds in results.items()
     }
+    print(f"\nstart-up of quantserve's engines (--compile {args.compile}), not timed below:")
+    for name, info in warmups.items():
+        print(f"  {name}: warm-up {info['warmup_seconds']:.1f} s, of which compiling "
+              f"{info['compile_seconds']:.1f} s (decode "
+              f"{'compiled' if info['decode_compiled'] else 'eager'})")
     print(f"\nbatch-1, prompt {len(ids)} tokens, {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.reps} (alternating)")
     print(f"{'contender':<22}{'prefill tok/s':>15}{'decode tok/s':>15}")
@@ -193,7 +203,7 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
     ratios = decode_ratios(table)
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}")
-    return {"table": table, "ratios": ratios, "warmup_s": warmups}
+    return {"table": table, "ratios": ratios, "warmup": warmups}
 
 
 def decode_ratios(table: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -435,6 +445,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", default="fp32,bf16,int8,int4")
+    parser.add_argument("--compile", choices=("off", "on", "auto"), default="auto",
+                        help="quantserve's compile setting (decode part; served: add "
+                             "`--compile ...` to --serve-args)")
     parser.add_argument("--no-llama", dest="llama", action="store_false",
                         help="skip llama.cpp in the decode part")
     parser.add_argument("--concurrency", default="1,4,8,16")

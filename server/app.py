@@ -52,7 +52,8 @@ def _start_engine(app: FastAPI, settings: Settings) -> None:
                   else load_served_model(settings))
         engine = Engine(loaded, max_batch=settings.max_batch,
                         max_batch_tokens=settings.max_batch_tokens,
-                        max_queue=settings.max_queue, num_threads=settings.num_threads)
+                        max_queue=settings.max_queue, num_threads=settings.num_threads,
+                        compile=settings.compile)
         warmup = engine.start()
     except Exception as exc:
         app.state.fatal_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

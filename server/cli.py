@@ -39,6 +39,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         ("--dtype", {"help": "compute dtype of the float model: bfloat16 (default) or float32 "
                              "[QUANTSERVE_DTYPE]"}),
         ("--device", {"help": "auto (default), cpu or cuda [QUANTSERVE_DEVICE]"}),
+        ("--compile", {"choices": ("off", "on", "auto"),
+                       "help": "torch.compile the decode step at start-up: auto (default: "
+                               "on CUDA only), on, off [QUANTSERVE_COMPILE]"}),
         ("--cache-dir", {"help": "artifact cache directory [QUANTSERVE_CACHE_DIR]"}),
         ("--max-batch", {"type": int, "help": "sequences decoded together (default 8) "
                                               "[QUANTSERVE_MAX_BATCH]"}),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, field_validator
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`.")
     num_threads: int | None = Field(default=None, ge=1)
+    compile: Literal["off", "on", "auto"] = Field(
+        default="auto",
+        description="torch.compile of the decode step at start-up / swap: `auto` compiles "
+        "on CUDA only (on CPU the prepared eager step is faster to start and as fast).",
+    )
 
     quantize: str | None = Field(default=None, description="Method to quantise with at start-up.")
     quantize_config: dict[str, Any] = Field(default_factory=dict)

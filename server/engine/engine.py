@@ -27,7 +27,7 @@ import torch
 from quantizers.loading import LoadedModel
 from server.engine.sampling import choose_tokens, prompt_logprobs
 from server.engine.sequence import Sequence
-from server.engine.served_model import ServedModel
+from server.engine.served_model import CompileMode, ServedModel
 from server.engine.types import (
     EngineOverloaded,
     EngineShuttingDown,
@@ -64,6 +64,7 @@ class Engine:
         max_batch_tokens: int = 4096,
         max_queue: int = 64,
         num_threads: int | None = None,
+        compile: CompileMode = "off",
     ) -> None:
         if max_batch < 1 or max_batch_tokens < 2 or max_queue < 0:
             raise ValueError("max_batch >= 1, max_batch_tokens >= 2 and max_queue >= 0 required")
@@ -71,7 +72,8 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.num_threads = num_threads or available_cores()
-        self._active = ServedModel(loaded, max_batch=max_batch, max_seq_len=max_batch_tokens)
+        self.compile: CompileMode = compile
+        self._active = self._serve(loaded)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._lock = threading.Lock()
@@ -124,9 +126,15 @@ class Engine:
         the worker drains that batch before admitting any request for the new
         one, because a batch runs one model.
         """
-        served = ServedModel(loaded, max_batch=self.max_batch, max_seq_len=self.max_batch_tokens)
+        served = self._serve(loaded)
         served.warm_up()
         self._active = served
+
+    def _serve(self, loaded: LoadedModel) -> ServedModel:
+        return ServedModel(
+            loaded, max_batch=self.max_batch, max_seq_len=self.max_batch_tokens,
+            compile=self.compile,
+        )
 
     def stats(self) -> EngineStats:
         running = list(self._running)
@@ -143,6 +151,9 @@ class Engine:
                 "prompt_tokens_total": float(self._prompt_total),
                 "decode_steps_total": float(self._decode_steps),
                 "warmup_seconds": self._active.warmup_s,
+                "compile_seconds": self._active.compile_s,
+                "decode_compiled": float(self._active.compiled),
+                "prepared_weight_bytes": float(self._active.runner.prepared_weight_bytes),
                 "num_threads": float(self.num_threads),
             },
         )

@@ -59,10 +59,12 @@ class LlamaRunner:
     """Runs prefill and batched decode for one model with its own KV cache."""
 
     def __init__(
-        self, model: nn.Module, *, max_batch: int, max_seq_len: int, prepare: bool = True
+        self, model: nn.Module, *, max_batch: int, max_seq_len: int, prepare: bool = True,
+        prepack: bool = True,
     ) -> None:
         """`prepare=False` runs the model's modules as they are: the reference
-        the prepared (fused, prepacked) path is tested against."""
+        the prepared (fused, prepacked) path is tested against. `prepack=False`
+        fuses without oneDNN packing, for a runner that will be compiled."""
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -83,7 +85,7 @@ class LlamaRunner:
             self.dtype = self.embed(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
 
         def projection(*modules: nn.Module) -> Projection:
-            return Projection(modules, prepare=prepare, dtype=self.dtype)
+            return Projection(modules, prepare=prepare, dtype=self.dtype, prepack=prepack)
 
         self.qkv = [
             projection(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)

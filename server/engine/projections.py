@@ -86,13 +86,13 @@ def _concat_bias(modules: Sequence[nn.Module], dtype: torch.dtype) -> Tensor | N
     ])
 
 
-def _fuse_float(modules: Sequence[nn.Linear]) -> nn.Module | None:
+def _fuse_float(modules: Sequence[nn.Linear], prepack: bool) -> nn.Module | None:
     first = modules[0].weight
     if any(m.weight.dtype != first.dtype or m.weight.device != first.device for m in modules):
         return None
     weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else first.detach()
     bias = _concat_bias(modules, first.dtype)
-    if can_prepack(weight):
+    if prepack and can_prepack(weight):
         return PackedLinear(weight, bias)
     return PlainLinear(weight, bias) if len(modules) > 1 else None
 
@@ -139,13 +139,13 @@ def _fuse_quantized(modules: Sequence[QuantizedLinear]) -> nn.Module | None:
     return fused
 
 
-def _build(modules: Sequence[nn.Module]) -> nn.Module | None:
+def _build(modules: Sequence[nn.Module], prepack: bool) -> nn.Module | None:
     kinds = {type(m) for m in modules}
     if len(kinds) != 1 or len({getattr(m, "in_features", None) for m in modules}) != 1:
         return None
     kind = kinds.pop()
     if kind is nn.Linear:
-        return _fuse_float(modules)
+        return _fuse_float(modules, prepack)
     if len(modules) == 1 or not issubclass(kind, QuantizedLinear):
         return None
     return _fuse_quantized(modules)
@@ -165,10 +165,15 @@ class Projection:
     original module (views of the fused output when fused).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], *, prepare: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self, modules: Sequence[nn.Module], *, prepare: bool, dtype: torch.dtype,
+        prepack: bool = True,
+    ) -> None:
+        """`prepare=False` keeps the modules as they are; `prepack=False` fuses
+        without oneDNN packing (inductor cannot trace packed weights)."""
         self.modules = list(modules)
         self.sizes = [int(m.out_features) for m in self.modules]
-        prepared = _build(self.modules) if prepare else None
+        prepared = _build(self.modules, prepack) if prepare else None
         if prepared is not None and not self._matches(prepared, dtype):
             prepared = None
         self.prepared = prepared
