@@ -23,6 +23,7 @@ w8a8-static does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ class SmoothQuantConfig(MethodConfig):
     calibration_tokens: at most this many calibration tokens are run."""
 
     alpha: float | None = None
-    activations: str = "dynamic"
+    activations: Literal["dynamic", "static"] = "dynamic"
     calibration_tokens: int = CALIBRATION_TOKENS
 
     def validate(self) -> None:
