@@ -92,6 +92,14 @@ class Job:
         return round(100.0 * self.layers_done / self.layers_total, 1) if self.layers_total else 0.0
 
     def progress(self, done: int, total: int) -> None:
+        """Record `done` of `total` layers; never move backwards within a job.
+
+        A method may report its slow stage (sensitivity measurement, GPTQ's
+        solves) layer by layer and then count the final swaps from 1 again;
+        a client polling the job should see it only go forward.
+        """
+        if total == self.layers_total and done < self.layers_done:
+            return
         self.layers_done, self.layers_total = done, total
 
     def hooks(self) -> BuildHooks:

@@ -61,19 +61,30 @@ class ColumnGrid:
         pairs = [self.fit(w[:, g : g + group]) for g in range(0, k, group)]
         return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
-    def round(self, column: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
-        """Codes and the kernel's dequantised value of one column [N].
+    def offset(self, scale: Tensor, zero: Tensor) -> Tensor:
+        """What the kernel adds after scaling a code (bf16 offset; 0 when symmetric).
+
+        Constant per group, so column-by-column callers compute it once per group.
+        """
+        if self.symmetric:
+            return torch.zeros_like(scale)
+        return _as_kernel_param((INT4_MID - zero) * scale)
+
+    def round(
+        self, column: Tensor, scale: Tensor, zero: Tensor, offset: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Float codes and the kernel's dequantised value of one column [N].
 
         The dequantised value is what the kernel will compute (bf16 scale and,
-        for int4, bf16 offset), so the error fed back is the error served.
+        for int4, bf16 offset from `offset()`), so the error fed back is the
+        error served.
         """
         if self.symmetric:
             qmax = symmetric_qmax(self.bits)
-            codes = torch.round(column.float() / scale).clamp_(-qmax, qmax)
-            return codes.to(torch.int32), (codes * scale).to(column.dtype)
+            codes = torch.round(column / scale).clamp_(-qmax, qmax)
+            return codes, codes * scale
         codes = quantize_to_grid(column, scale, zero, self.bits)
-        offset = _as_kernel_param((INT4_MID - zero) * scale)
-        return codes.to(torch.int32), ((codes - INT4_MID) * scale + offset).to(column.dtype)
+        return codes, (codes - INT4_MID) * scale + offset
 
 
 def int_grid(bits: int, group_size: int | None) -> ColumnGrid:

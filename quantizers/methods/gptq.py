@@ -9,7 +9,7 @@ become the next block's inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +24,13 @@ from quantizers.methods.block_walk import (
     decoder_blocks,
     run_block,
     stack_batches,
+    working_copy,
 )
 from quantizers.methods.column_grid import int_grid, rtn_weight
 from quantizers.methods.gptq_solver import GPTQSolution, gptq_quantize
 from quantizers.methods.hessian import HessianRecorder, output_error
 from quantizers.registry import (
+    HEAD_INCLUDED_SKIP,
     LayerTarget,
     MethodConfig,
     QuantContext,
@@ -49,12 +51,17 @@ class GPTQConfig(MethodConfig):
     damp: Hessian damping as a fraction of its mean diagonal.
     block_size: columns per lazy-update block (speed only, not the result).
     act_order: visit columns by decreasing input energy, groups fitted up front.
+
+    A tied lm_head (a target under the default skip list) is int8 RTN, as in
+    the int4 method: it also serves the embedding's row lookups, which need
+    int8 codes, so GPTQ rows count the same bytes as int4 RTN rows.
     """
 
+    skip: tuple[str, ...] = HEAD_INCLUDED_SKIP
     bits: int = 4
     group_size: int = 128
     damp: float = 0.01
-    block_size: int = 128
+    block_size: int = 32
     act_order: bool = True
 
     def validate(self) -> None:
@@ -126,28 +133,21 @@ def _solve(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> GPTQSolution:
     )
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """A solved layer waiting to be swapped in: its kernel module and report entry."""
-
-    name: str
-    module: QuantizedLinear
-    info: dict[str, float]
-
-
 def quantize_group(
-    ctx: QuantContext, group: Sequence[LayerTarget], hessian: Tensor
-) -> list[_Pending]:
-    """Solve layers sharing one input Hessian, stacked when their configs agree.
+    ctx: QuantContext,
+    group: Sequence[LayerTarget],
+    hessian: Tensor,
+    working: Mapping[str, nn.Linear],
+) -> None:
+    """Solve layers sharing one input Hessian, stacked when their configs agree,
+    and swap each in (so progress moves layer by layer).
 
     GPTQ treats output rows independently given H, so q/k/v (or gate/up)
     stacked into one matrix cost one Cholesky and one column sweep. Each
-    float layer's weight is overwritten with its dequantised result, so the
+    layer's working copy (`working[name]`) gets its dequantised result, so the
     block can run on the quantised values with bf16 matmuls (3x faster than
-    the int4 kernel at calibration batch sizes) before the kernel modules
-    are swapped in.
+    the int4 kernel at calibration batch sizes) to feed the next block.
     """
-    pending: list[_Pending] = []
     same = all(t.config == group[0].config for t in group)
     batches = [list(group)] if same else [[t] for t in group]
     for batch in batches:
@@ -179,33 +179,32 @@ def quantize_group(
             }
             with ctx.layer_errors(target.name):
                 module = runtime_module(part, config, target.module)
-            target.module.weight.data = part.weight[:, :k].to(target.module.weight.dtype)
-            pending.append(_Pending(target.name, module, info))
-    return pending
+            copy_weight = working[target.name].weight
+            copy_weight.data = part.weight[:, :k].to(copy_weight.dtype)
+            ctx.replace(target.name, module, **info)
 
 
 def _solve_block(
     ctx: QuantContext, block: nn.Module, calls: Sequence[BlockCall], targets: list[LayerTarget]
-) -> list[_Pending]:
-    recorder = HessianRecorder({t.name: t.module for t in targets})
+) -> nn.Module:
+    """Solve and swap in the block's targets; its bf16 working copy holds their results."""
+    work = working_copy(block)
+    inside = {id(m): n for n, m in block.named_modules()}
+    working = {t.name: work.get_submodule(inside[id(t.module)]) for t in targets}
+    recorder = HessianRecorder(working)
     try:
-        with compute_in_bf16():
+        with torch.no_grad():
             for call in calls:
                 ctx.check_cancel()
-                run_block(block, call)
+                run_block(work, call)
                 recorder.next_call()
     finally:
         recorder.close()
     by_name = {t.name: t for t in targets}
-    pending = []
     for names in recorder.groups([t.name for t in targets]):
-        pending += quantize_group(ctx, [by_name[n] for n in names], recorder.hessian_of(names[0]))
-    return pending
-
-
-def _install(ctx: QuantContext, pending: Sequence[_Pending]) -> None:
-    for item in pending:
-        ctx.replace(item.name, item.module, **item.info)
+        group = [by_name[n] for n in names]
+        quantize_group(ctx, group, recorder.hessian_of(names[0]), working)
+    return work
 
 
 def _quantize_outside_blocks(
@@ -223,7 +222,8 @@ def _quantize_outside_blocks(
     finally:
         recorder.close()
     for target in targets:
-        _install(ctx, quantize_group(ctx, [target], recorder.hessian_of(target.name)))
+        hessian = recorder.hessian_of(target.name)
+        quantize_group(ctx, [target], hessian, {target.name: target.module})
 
 
 @register_method("gptq", GPTQConfig)
@@ -241,16 +241,22 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantContext) -> None:
     calls = capture_first_block_inputs(model, blocks, batches)
     for index, block in enumerate(blocks):
         ctx.check_cancel()
-        pending = _solve_block(ctx, block, calls, per_block[index]) if per_block[index] else []
+        work = _solve_block(ctx, block, calls, per_block[index]) if per_block[index] else None
         if index + 1 < len(blocks) and any(per_block[index + 1 :]):
-            calls = advance(block, calls)
-        _install(ctx, pending)
+            calls = advance(work if work is not None else working_copy(block), calls)
     del calls
+    if ctx.tied_head in {t.name for t in outside}:
+        tied = next(t for t in outside if t.name == ctx.tied_head)
+        outside.remove(tied)
+        with ctx.layer_errors(tied.name):
+            head = Int8WeightOnlyLinear.from_float(tied.module)
+        ctx.replace(tied.name, head)
     if outside:
         _quantize_outside_blocks(ctx, model, batches, outside)
 
-    gptq_total = sum(layer["output_error"] for layer in ctx.layers.values())
-    rtn_total = sum(layer["rtn_output_error"] for layer in ctx.layers.values())
+    solved = [layer for layer in ctx.layers.values() if "output_error" in layer]
+    gptq_total = sum(layer["output_error"] for layer in solved)
+    rtn_total = sum(layer["rtn_output_error"] for layer in solved)
     ctx.extra["gptq"] = {
         "calibration_tokens": tokens,
         "min_calibration_tokens": min_calibration_tokens(ctx.targets),

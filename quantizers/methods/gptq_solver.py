@@ -52,20 +52,26 @@ class GPTQSolution:
 
 
 def _inverse_cholesky_upper(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU with λ = damp · mean(diag H).
 
-    Damping is raised until the factorisation succeeds, since calibration
-    data can leave H numerically singular (e.g. a constant input channel).
+    With R = J·chol(J H J)·J (J reverses the order) H = R Rᵀ with R upper, so
+    H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹: one factorisation and one triangular inverse
+    instead of a factorisation, an inverse and a second factorisation. Float32
+    suffices at this damping (it is what the solver works in) and halves the
+    time of the 1536-wide down_proj factorisation. Damping is raised until the
+    factorisation succeeds, since calibration data can leave H numerically
+    singular (e.g. a constant input channel).
     """
-    mean_diag = float(torch.diag(hessian).mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    h = hessian.to(torch.float32).flip(0, 1)
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for _ in range(_MAX_DAMP_TRIES):
-        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper, damp
+            upper_r = factor.flip(0, 1)
+            inverse = torch.linalg.solve_triangular(upper_r, eye, upper=True)
+            if bool(torch.isfinite(inverse).all()):
+                return inverse, damp
         damp *= _DAMP_GROWTH
     raise ValueError("the layer's input Hessian is not positive definite even with heavy damping")
 
@@ -114,9 +120,9 @@ def _solve(
 ) -> GPTQSolution:
     w = grid.pad_columns(weight.detach().to(torch.float32))
     k_padded = w.shape[1]
-    h = torch.zeros(k_padded, k_padded, dtype=torch.float64)
+    h = torch.zeros(k_padded, k_padded, dtype=torch.float32)
     k = hessian.shape[0]
-    h[:k, :k] = hessian.to(torch.float64)
+    h[:k, :k] = hessian.to(torch.float32)
 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -125,50 +131,63 @@ def _solve(
     group = grid.group_size or k_padded
     # Per-channel grids are fitted on the whole row before any column moves,
     # as are all groups under act-order (see the module docstring).
-    static_params = grid.fit_all(w) if act_order or grid.group_size is None else None
+    # A partial last group (576 inputs in groups of 128) is fitted on its real
+    # columns only: the int4 kernel stores it at its real width and never sees
+    # the padding, so the grid need not stretch to represent its zeros.
+    static_params = grid.fit_all(w[:, :k]) if act_order or grid.group_size is None else None
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k_padded)
     w = w[:, perm]
     h = h[perm][:, perm]
-    upper64, used_damp = _inverse_cholesky_upper(h, damp)
-    upper = upper64.to(torch.float32)
+    upper, used_damp = _inverse_cholesky_upper(h, damp)
 
     # Blocks hold whole groups so a group's fit sees all earlier corrections.
     block = block_size if static_params is not None else max(block_size, group) // group * group
 
-    codes = torch.zeros_like(w, dtype=torch.int32)
+    codes = torch.zeros_like(w)
     dequant = torch.zeros_like(w)
-    scales: list[Tensor | None] = [None] * (k_padded // group)
-    zeros: list[Tensor | None] = [None] * (k_padded // group)
+    groups = k_padded // group
+    scales: list[Tensor | None] = [None] * groups
+    zeros: list[Tensor | None] = [None] * groups
+    offsets: list[Tensor | None] = [None] * groups
     if static_params is not None:
-        for g in range(k_padded // group):
-            scales[g], zeros[g] = static_params[0][:, g], static_params[1][:, g]
+        for g in range(groups):
+            scales[g] = static_params[0][:, g].contiguous()
+            zeros[g] = static_params[1][:, g].contiguous()
+            offsets[g] = grid.offset(scales[g], zeros[g])
+    group_of = (perm // group).tolist()
     loss = 0.0
 
     for start in range(0, k_padded, block):
         end = min(start + block, k_padded)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
+        # Transposed so each column is a contiguous row: the sweep below is
+        # thousands of small ops, and strided columns made each several times slower.
+        w_block = w[:, start:end].T.contiguous()
+        codes_block = torch.empty_like(w_block)
+        deq_block = torch.empty_like(w_block)
+        err_block = torch.empty_like(w_block)
         u_block = upper[start:end, start:end]
         for j in range(end - start):
             column = start + j
-            g = int(perm[column]) // group
+            g = group_of[column]
             if static_params is None and column % group == 0:
-                scales[g], zeros[g] = grid.fit(w_block[:, j : j + group])
-            col_codes, col_deq = grid.round(w_block[:, j], scales[g], zeros[g])
-            codes[:, column] = col_codes
-            dequant[:, column] = col_deq
-            d = u_block[j, j]
-            err = (w_block[:, j] - col_deq) / d
-            w_block[:, j + 1 :] -= err.unsqueeze(1) * u_block[j, j + 1 :].unsqueeze(0)
-            err_block[:, j] = err
-        w[:, end:] -= err_block @ upper[start:end, end:]
+                scales[g], zeros[g] = grid.fit(w_block[j : j + min(group, k - column)].T)
+                offsets[g] = grid.offset(scales[g], zeros[g])
+            col_codes, col_deq = grid.round(w_block[j], scales[g], zeros[g], offsets[g])
+            codes_block[j] = col_codes
+            deq_block[j] = col_deq
+            err = (w_block[j] - col_deq) / u_block[j, j]
+            w_block[j + 1 :].addr_(u_block[j, j + 1 :], err, alpha=-1.0)
+            err_block[j] = err
+        codes[:, start:end] = codes_block.T
+        dequant[:, start:end] = deq_block.T
+        w[:, end:] -= err_block.T @ upper[start:end, end:]
         loss += float((err_block * err_block).sum()) / 2
 
     inverse_perm = torch.argsort(perm)
     scale = torch.stack([s for s in scales if s is not None], dim=1)
     zero = None if grid.symmetric else torch.stack([z for z in zeros if z is not None], dim=1)
     return GPTQSolution(
-        codes=codes[:, inverse_perm],
+        codes=codes[:, inverse_perm].to(torch.int32),
         scale=scale.to(torch.float32),
         zero=None if zero is None else zero.to(torch.float32),
         weight=dequant[:, inverse_perm].to(torch.float32),

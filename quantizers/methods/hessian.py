@@ -53,7 +53,7 @@ def output_error(delta: Tensor, hessian: Tensor) -> float:
     same layer without rerunning the data.
     """
     d = delta.to(torch.float32)
-    return float(torch.einsum("nk,kl,nl->", d, hessian.to(torch.float32), d))
+    return float(((d @ hessian.to(torch.float32)) * d).sum())
 
 
 class HessianRecorder:

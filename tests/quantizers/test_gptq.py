@@ -121,10 +121,15 @@ def test_gptq_model_runs_on_int4_kernels_and_beats_rtn_per_layer() -> None:
         progress=lambda done, total: seen.append((done, total)),
     )
     linears = [n for n, m in float_model.named_modules() if type(m) is nn.Linear]
-    targets = [n for n in linears if n != "lm_head"]
-    assert sorted(report.layers) == sorted(targets)
-    assert seen == [(i + 1, len(targets)) for i in range(len(targets))]
-    assert all(isinstance(model.get_submodule(n), Int4WeightOnlyLinear) for n in targets)
+    assert sorted(report.layers) == sorted(linears)
+    # Progress moves layer by layer while the blocks are solved, not at the end.
+    assert seen == [(i + 1, len(linears)) for i in range(len(linears))]
+    blocks = [n for n in linears if n != "lm_head"]
+    assert all(isinstance(model.get_submodule(n), Int4WeightOnlyLinear) for n in blocks)
+    # The tied head is int8 RTN sharing its codes with the embedding, as int4 stores it.
+    assert isinstance(model.get_submodule("lm_head"), Int8WeightOnlyLinear)
+    assert report.layers["lm_head"]["tied_embedding"] is True
+    assert "output_error" not in report.layers["lm_head"]
 
     rtn = Int4WeightOnlyLinear.from_float(float_layer, 32)
     with torch.no_grad():
@@ -156,11 +161,20 @@ def test_int8_gptq_builds_int8_kernel_modules() -> None:
     assert isinstance(model.get_submodule("model.layers.1.mlp.up_proj"), Int8WeightOnlyLinear)
 
 
-def test_opted_in_lm_head_is_quantised_after_the_blocks() -> None:
-    model = fresh_model()
-    report = quantize(model, "gptq", {"overrides": {"lm_head": {}}}, calibration=calibration(8, 32))
+def test_untied_lm_head_is_solved_by_gptq_after_the_blocks() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
+    report = quantize(model, "gptq", {"group_size": 32}, calibration=calibration(8, 32))
     assert report.layers["lm_head"]["kind"] == "Int4WeightOnlyLinear"
     assert report.layers["lm_head"]["output_error"] <= report.layers["lm_head"]["rtn_output_error"]
+
+
+def test_head_left_in_float_when_the_skip_list_names_it() -> None:
+    model = fresh_model()
+    skip = ["*embed_tokens*", "*norm*", "lm_head"]
+    report = quantize(model, "gptq", {"skip": skip}, calibration=calibration(8, 32))
+    assert "lm_head" not in report.layers
+    assert type(model.get_submodule("lm_head")) is nn.Linear
 
 
 def test_too_few_calibration_tokens_names_the_minimum() -> None:
@@ -205,4 +219,4 @@ def test_cancellation_stops_between_layers() -> None:
             progress=progress,
             should_cancel=cancel_after_three_layers,
         )
-    assert calls["n"] < 14
+    assert calls["n"] < 15

@@ -75,6 +75,14 @@ def generate_variant(engine: Engine) -> str:
     return asyncio.run(run())
 
 
+def test_progress_never_goes_back_within_a_job(jobs: JobManager) -> None:
+    job = Job(id="progress", spec=jobs.resolve("int8", {}, None))
+    for done in (1, 5, 10):  # a method's measuring stage, layer by layer
+        job.progress(done, 10)
+    job.progress(1, 10)  # its final swaps count from 1 again
+    assert (job.layers_done, job.layers_total, job.percent) == (10, 10, 100.0)
+
+
 def test_job_quantises_stores_and_swaps(jobs: JobManager, engine: Engine) -> None:
     assert generate_variant(engine) == "float"
     job = wait_finished(jobs.submit(jobs.resolve("int8", {}, None)))
