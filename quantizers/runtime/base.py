@@ -19,6 +19,20 @@ COMPUTE_DTYPE = torch.bfloat16
 
 RUNTIME_KINDS: dict[str, type[RuntimeModule]] = {}
 
+# torch's CPU low-bit kernels read weights with aligned vector loads: an int8
+# weight only 8-byte aligned, as a tensor read from a safetensors artifact can
+# be, crashed `_weight_int8pack_mm` (SIGSEGV) once the input had several rows.
+# Fresh CPU allocations are 64-byte aligned, so such a tensor is copied once.
+KERNEL_ALIGNMENT = 64
+
+
+def kernel_tensor(tensor: Tensor) -> Tensor:
+    """`tensor` contiguous and, on CPU, 64-byte aligned (copied only if not)."""
+    tensor = tensor.contiguous()
+    if tensor.device.type == "cpu" and tensor.data_ptr() % KERNEL_ALIGNMENT:
+        tensor = tensor.clone()
+    return tensor
+
 
 class RuntimeModule(nn.Module):
     """A module of a quantised model that serialization.py can save and rebuild."""

@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from torch import Tensor
 
-from quantizers.runtime.base import COMPUTE_DTYPE, RuntimeModule
+from quantizers.runtime.base import COMPUTE_DTYPE, RuntimeModule, kernel_tensor
 
 
 class Int8Embedding(RuntimeModule):
@@ -23,8 +23,8 @@ class Int8Embedding(RuntimeModule):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = padding_idx
-        self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)
+        self.register_buffer("weight", kernel_tensor(weight))
+        self.register_buffer("scale", kernel_tensor(scale))
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:

@@ -32,7 +32,7 @@ from quantizers.packing import (
     unpack_int4,
 )
 from quantizers.primitives import pad_to_multiple, quantize_per_group_asymmetric
-from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix
+from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix, kernel_tensor
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -81,10 +81,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self.padded_out = next(
             sz.shape[1] for sz in (scales_and_zeros, tail_scales_and_zeros) if sz is not None
         )
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", _kernel_dtype(scales_and_zeros))
-        self.register_buffer("tail_packed", tail_packed)
-        self.register_buffer("tail_scales_and_zeros", _kernel_dtype(tail_scales_and_zeros))
+        self.register_buffer("packed", _kernel_ready(packed))
+        self.register_buffer("scales_and_zeros", _kernel_ready(scales_and_zeros))
+        self.register_buffer("tail_packed", _kernel_ready(tail_packed))
+        self.register_buffer("tail_scales_and_zeros", _kernel_ready(tail_scales_and_zeros))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128) -> Self:
@@ -234,5 +234,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return self._finish(out, lead, x.dtype)
 
 
-def _kernel_dtype(scales_and_zeros: Tensor | None) -> Tensor | None:
-    return None if scales_and_zeros is None else scales_and_zeros.to(COMPUTE_DTYPE).contiguous()
+def _kernel_ready(tensor: Tensor | None) -> Tensor | None:
+    """Packed codes (integer, device-specific dtype) as they are, scales in the
+    compute dtype; both aligned."""
+    if tensor is None:
+        return None
+    return kernel_tensor(tensor.to(COMPUTE_DTYPE) if tensor.is_floating_point() else tensor)

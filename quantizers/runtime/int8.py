@@ -24,6 +24,7 @@ from quantizers.runtime.base import (
     QuantizedLinear,
     as_matrix,
     check_int8_per_channel,
+    kernel_tensor,
 )
 from quantizers.runtime.embedding import Int8Embedding
 
@@ -53,8 +54,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias)
-        self.register_buffer("weight", weight.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.detach().to(COMPUTE_DTYPE).contiguous())
+        self.register_buffer("weight", kernel_tensor(weight.to(torch.int8)))
+        self.register_buffer("scale", kernel_tensor(scale.detach().to(COMPUTE_DTYPE)))
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Self:

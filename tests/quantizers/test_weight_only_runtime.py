@@ -50,6 +50,33 @@ def test_int8_matches_dequantised_and_float(k: int, n: int) -> None:
     assert torch.equal(module.weight, q)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_weights_read_unaligned_are_realigned_for_the_kernels(rows: int) -> None:
+    """Tensors inside a safetensors file are only 8-byte aligned; the int8
+    kernel crashed on such a weight with several rows, so modules copy them."""
+    linear = make_linear(64, 64, bias=False)
+    q, scale = quantize_per_channel_symmetric(linear.weight)
+    int4 = Int4WeightOnlyLinear.from_float(linear, 32)
+
+    def unaligned(tensor: torch.Tensor) -> torch.Tensor:
+        # a fresh allocation is 64-byte aligned, so 8 bytes in is not
+        buffer = torch.empty(tensor.numel() + 8, dtype=tensor.dtype)[8:]
+        copy = buffer.view_as(tensor).copy_(tensor)
+        assert copy.data_ptr() % 64 == 8
+        return copy
+
+    module = Int8WeightOnlyLinear(unaligned(q), scale, None)
+    embedding = module.as_embedding()
+    int4_unaligned = Int4WeightOnlyLinear(
+        unaligned(int4.packed), int4.scales_and_zeros, 32, 64, 64, None
+    )
+    for tensor in (module.weight, module.scale, embedding.weight, int4_unaligned.packed):
+        assert tensor.data_ptr() % 64 == 0
+    x = torch.randn(rows, 64)
+    assert torch.equal(module(x), Int8WeightOnlyLinear(q, scale, None)(x))
+    assert torch.equal(int4_unaligned(x), int4(x))
+
+
 @pytest.mark.parametrize(("rows", "n"), [(1, 4100), (DEQUANT_MIN_ROWS, 4100), (64, 96)])
 def test_int8_kernel_and_chunked_dequant_paths_agree(rows: int, n: int) -> None:
     """Few rows take the int8 kernel, many the chunked cast; both match float."""
