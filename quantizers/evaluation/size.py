@@ -1,10 +1,12 @@
 """What a model variant costs in memory: bytes and bits per weight.
 
 Bits per weight are given twice. Over the quantisable linear weights they show
-what a method does to the layers it touches (32 for float32, ~8.1 for int8
+what a method does to the layers it touches (32 for float32, ~8.0 for int8
 with per-channel scales, ~4.3 for int4 g128 with scales and zeros). Over the
-whole model they show what a user actually saves, since embeddings and norms
-usually stay in 16-bit.
+whole model they show what a user actually saves: norms stay in 16-bit, and
+so does the embedding table unless a method stores it quantised (int8 and
+int4 keep a tied table as int8 codes shared with lm_head, which the linear
+figure leaves out because it counts that matrix as the embedding).
 """
 
 from __future__ import annotations
