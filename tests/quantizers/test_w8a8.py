@@ -241,3 +241,16 @@ def test_calibrated_static_range_beats_the_observed_max() -> None:
     tuned = W8A8Linear.from_float(linear, chosen.bounds)
     reference = linear(fresh)
     assert relative_error(tuned(fresh), reference) < 0.5 * relative_error(plain(fresh), reference)
+
+
+def test_layers_reading_one_input_share_one_static_grid(
+    calibration: list[torch.Tensor],
+) -> None:
+    model = outlier_llama()
+    report = quantize(model, "w8a8-static", {}, calibration=calibration)
+    attn = model.model.layers[0].self_attn
+    for proj in (attn.k_proj, attn.v_proj):
+        assert torch.equal(proj.input_scale, attn.q_proj.input_scale)
+        assert torch.equal(proj.input_zero, attn.q_proj.input_zero)
+    assert not torch.equal(attn.o_proj.input_scale, attn.q_proj.input_scale)
+    assert report.extra["calibration_tokens"] == sum(b.numel() for b in calibration)
