@@ -162,7 +162,7 @@ def test_quantise_while_serving_swaps_without_errors(
         job = wait_job(client, accepted["status_url"])
         traffic.wait_for("int8")
     assert job["state"] == "succeeded", job["error"]
-    assert job["progress"]["percent"] == 100.0 and job["progress"]["layers_total"] == 14
+    assert job["progress"]["percent"] == 100.0 and job["progress"]["layers_total"] == 15  # 2 x 7 + lm_head
     assert job["quality"]["top1"] > 0.5 and job["quality"]["kl"] >= 0
     assert job["quality"]["weight_bytes"] < job["quality"]["base_weight_bytes"]
     assert traffic.failures == []

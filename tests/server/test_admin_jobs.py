@@ -25,7 +25,7 @@ from server.variant_pipeline import BaseModelRef
 from tests.helpers.tiny_model_dir import write_tiny_model
 
 QUALITY_TOKENS = 64
-LINEARS = 2 * 7  # two decoder layers of q, k, v, o, gate, up, down
+LINEARS = 2 * 7 + 1  # two decoder layers of q, k, v, o, gate, up, down, and the tied lm_head
 
 
 @pytest.fixture(scope="module")
