@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     compile: Literal["off", "on", "auto"] = Field(
         default="auto",
         description="torch.compile of the decode step at start-up / swap: `auto` compiles "
-        "on CUDA only (on CPU the prepared eager step is faster to start and as fast).",
+        "on CUDA only (on CPU the prepared eager step is faster, and starts in seconds).",
     )
 
     quantize: str | None = Field(default=None, description="Method to quantise with at start-up.")

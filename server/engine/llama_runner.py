@@ -117,6 +117,7 @@ class LlamaRunner:
         self.cos = cos[0].to(self.dtype)
         self.sin = sin[0].to(self.dtype)
         self.batch_index = torch.arange(max_batch, device=self.device)
+        self.kv_head_index = torch.arange(self.num_kv_heads, device=self.device)[None]
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
 
@@ -209,21 +210,28 @@ class LlamaRunner:
     ) -> torch.Tensor:
         batch = token_ids.shape[0]
         span = mask.shape[-1]
-        rows = self.batch_index[:batch]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * head_dim
         cos = self.cos[positions][:, None]
         sin = self.sin[positions][:, None]
+        # Where each (sequence, KV head) writes in a layer's cache seen as rows of
+        # head_dim: one index_copy_ per cache instead of a two-index index_put.
+        rows = (self.batch_index[:batch, None] * kv_heads + self.kv_head_index) * self.max_seq_len
+        rows = (rows + positions[:, None]).reshape(-1)
         x = self.embed(token_ids)
         for index in range(len(self.layers)):
+            qkv = self.qkv[index].joint(self.input_norms[index](x))
+            # q and k side by side take the rotary embedding in one pass.
+            qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            q, k, v = self.qkv[index](self.input_norms[index](x))
-            q = q.view(batch, self.num_heads, self.head_dim)
-            k = k.view(batch, self.num_kv_heads, self.head_dim)
-            v = v.view(batch, self.num_kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            k_cache[rows, :, positions] = k
-            v_cache[rows, :, positions] = v
-            q = q.view(batch, self.num_kv_heads, self.group, self.head_dim)
+            k_cache.view(-1, head_dim).index_copy_(
+                0, rows, qk[:, heads:].reshape(batch * kv_heads, head_dim)
+            )
+            v_cache.view(-1, head_dim).index_copy_(
+                0, rows, qkv[:, qk_width:].reshape(batch * kv_heads, head_dim)
+            )
+            q = qk[:, :heads].reshape(batch, kv_heads, self.group, head_dim)
             out = F.scaled_dot_product_attention(
                 q, k_cache[:batch, :, :span], v_cache[:batch, :, :span],
                 attn_mask=mask, scale=self.scaling,

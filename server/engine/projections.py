@@ -210,3 +210,10 @@ class Projection:
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.forward(x)
+
+    def joint(self, x: Tensor) -> Tensor:
+        """All outputs side by side, `[M, sum N_i]`: the fused matmul's own output,
+        or the modules' outputs concatenated."""
+        if self.prepared is not None:
+            return self.prepared(x)
+        return torch.cat(self._separate(x), dim=-1)

@@ -7,11 +7,12 @@ new model pays nothing.
 
 Compilation (`compile` setting): `off` runs the prepared eager step; `on`
 compiles the decode step with `torch.compile` (inductor); `auto`, the default,
-compiles on CUDA only. On CPU the prepared eager step is what pays off: the
-one-row matmuls that bound decode are already oneDNN's prepacked kernels, which
-inductor cannot trace (so compiling means unpacked weights), and compiling
-took 20-75 s for even a 2-layer model on the 2-core box while changing the
-rounding relative to the eager path. A failed compilation is logged and the
+compiles on CUDA only. On CPU the prepared eager step is the fast path: the
+one-row matmuls that bound decode run on oneDNN's prepacked weights, which
+inductor cannot trace, so a compiled step has to use plain weights. Measured on
+SmolLM2 bf16, 1 thread, 2 shared cores: the compiled step took 47 ms against
+the prepared eager step's 34 ms, and compiling took ~7 minutes cold (~2 with
+inductor's on-disk cache warm). A failed compilation is logged and the
 model serves eagerly.
 """
 
