@@ -26,6 +26,7 @@ from quantizers.methods.block_walk import compute_in_bf16, stack_batches
 from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid
 from quantizers.methods.sensitivity import measured_kl
 from quantizers.registry import (
+    HEAD_INCLUDED_SKIP,
     MethodConfig,
     QuantContext,
     check_range,
@@ -40,12 +41,15 @@ Grid = GroupGrid | ChannelGrid
 
 @dataclass(frozen=True)
 class FeedbackConfig(MethodConfig):
-    """start: {"method": name, "config": {...}} — the result to refine.
+    """start: {"method": name, "config": {...}} — the result to refine. A start
+    config without its own `skip` takes this config's, so by default the tied
+    lm_head is int8 codes shared with the embedding, as in int4's rows.
     rounds: refinement rounds at most (0 measures the start only).
     kl_samples: calibration sequences the end-to-end KL is measured on.
     stat_samples: calibration sequences the input-channel energies come from.
     """
 
+    skip: tuple[str, ...] = HEAD_INCLUDED_SKIP
     start: Mapping[str, Any] = field(
         default_factory=lambda: {"method": "int4", "config": {"group_size": 128}}
     )
@@ -113,7 +117,7 @@ def _grid_of(module: nn.Module) -> Grid | None:
 def _start(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> QuantContext:
     """Apply the starting method in place; its context lists what it quantised."""
     method = get_method(config.start["method"])
-    start_config = method.make_config(config.start.get("config"))
+    start_config = method.make_config({"skip": config.skip, **(config.start.get("config") or {})})
 
     def cancelled() -> bool:
         try:
@@ -181,6 +185,7 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
         }
     ]
     best = (history[0]["kl"], {name: layer.grid for name, layer in layers.items()})
+    _report_round(ctx, 0, config.rounds)
     for round_index in range(1, config.rounds + 1):
         ctx.check_cancel()
         for name, layer in layers.items():
@@ -196,6 +201,7 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
                 "layer_error": sum(layer.error() for layer in layers.values()),
             }
         )
+        _report_round(ctx, round_index, config.rounds)
         if kl >= best[0]:
             break
         best = (kl, {name: layer.grid for name, layer in layers.items()})
@@ -214,6 +220,12 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
         "best_round": min(history, key=lambda h: h["kl"])["round"],
         "refined_layers": len(layers),
     }
+
+
+def _report_round(ctx: QuantContext, done: int, rounds: int) -> None:
+    """Progress in layers: measuring the start and each round are equal shares."""
+    total = len(ctx.targets)
+    ctx.report_progress((done + 1) * total // (rounds + 1), total)
 
 
 def _install(model: nn.Module, name: str, module: nn.Module) -> None:

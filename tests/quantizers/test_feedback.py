@@ -74,10 +74,29 @@ def test_feedback_is_never_worse_than_its_start_and_reports_every_round() -> Non
     assert kl_on(refined, reference, kl_ids) <= kl_on(start, reference, kl_ids)
     best = report.extra["feedback"]["best_round"]
     assert history[best]["kl"] == min(h["kl"] for h in history)
-    assert {layer["kind"] for layer in report.layers.values()} == {"Int4WeightOnlyLinear"}
-    assert report.bits_per_weight == pytest.approx(
-        quantize(fresh_model(), "int4", {"group_size": 32}).bits_per_weight
+    # The same layers and bytes as int4 RTN: blocks in int4, the tied head int8.
+    kinds = {name: layer["kind"] for name, layer in report.layers.items()}
+    assert kinds.pop("lm_head") == "Int8WeightOnlyLinear"
+    assert set(kinds.values()) == {"Int4WeightOnlyLinear"}
+    rtn = quantize(fresh_model(), "int4", {"group_size": 32})
+    assert sorted(report.layers) == sorted(rtn.layers)
+    assert report.weight_bytes_after == rtn.weight_bytes_after
+
+
+def test_progress_moves_with_the_rounds() -> None:
+    seen: list[tuple[int, int]] = []
+    report = quantize(
+        fresh_model(),
+        "feedback",
+        {"start": INT4_START, "rounds": 3},
+        calibration=calibration(),
+        progress=lambda done, total: seen.append((done, total)),
     )
+    layers = len(report.layers)
+    measured = len(report.extra["feedback"]["rounds"])
+    rounds = [(done * layers // 4, layers) for done in range(1, measured + 1)]
+    assert seen[:measured] == rounds
+    assert seen[measured:] == [(i + 1, layers) for i in range(layers)]
 
 
 def test_feedback_improves_held_out_logits_over_rtn(tiny_tokens: torch.Tensor) -> None:
@@ -98,6 +117,7 @@ def test_feedback_refines_an_int8_start() -> None:
         calibration=calibration(),
     )
     assert {layer["kind"] for layer in report.layers.values()} == {"Int8WeightOnlyLinear"}
+    assert report.layers["lm_head"]["tied_embedding"] is True
     history = report.extra["feedback"]["rounds"]
     assert history[1]["layer_error"] < history[0]["layer_error"]
 
