@@ -1,20 +1,46 @@
 """The engine on the real embedded model: same greedy text as transformers'
-`generate`, alone and batched, through the chat template's stop token."""
+`generate`, alone and batched, through the chat template's stop token; the
+prepared bf16 path computes exactly what the model's own modules compute."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from quantizers.loading import LoadedModel
 from server.engine import Engine
+from server.engine.llama_runner import LlamaRunner
 from tests.engine.streams import request, run, run_all
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_matches_generate_alone_and_batched() -> None:
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
     from quantizers.loading import load_model
 
-    loaded = load_model(dtype="float32")
+    return load_model(dtype="float32")
+
+
+@pytest.mark.slow
+def test_smollm2_prepared_bf16_decode_is_exact(loaded: LoadedModel) -> None:
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    logits = []
+    for prepare in (False, True):
+        runner = LlamaRunner(model, max_batch=1, max_seq_len=128, prepare=prepare)
+        steps = [runner.prefill(0, prompt)]
+        for position in range(len(prompt), len(prompt) + 8):
+            token = steps[-1].argmax(-1)
+            steps.append(runner.decode(token, torch.tensor([position])))
+        logits.append(steps)
+        if prepare:
+            assert all(p.prepared is not None for p in [*runner.qkv, *runner.gate_up])
+    assert all(torch.equal(a, b) for a, b in zip(*logits, strict=True))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_generate_alone_and_batched(loaded: LoadedModel) -> None:
     tokenizer = loaded.tokenizer
     questions = ["What is the capital of France?", "Name three colours.", "Count to five."]
     prompts = [
