@@ -9,6 +9,7 @@ become the next block's inputs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from quantizers.methods.block_walk import (
 )
 from quantizers.methods.column_grid import int_grid, rtn_weight
 from quantizers.methods.gptq_solver import GPTQSolution, gptq_quantize
-from quantizers.methods.hessian import HessianRecorder, output_error
+from quantizers.methods.hessian import AllInputsSeen, HessianRecorder, output_error
 from quantizers.registry import (
     HEAD_INCLUDED_SKIP,
     LayerTarget,
@@ -191,12 +192,13 @@ def _solve_block(
     work = working_copy(block)
     inside = {id(m): n for n, m in block.named_modules()}
     working = {t.name: work.get_submodule(inside[id(t.module)]) for t in targets}
-    recorder = HessianRecorder(working)
+    recorder = HessianRecorder(working, stop_early=True)
     try:
         with torch.no_grad():
             for call in calls:
                 ctx.check_cancel()
-                run_block(work, call)
+                with contextlib.suppress(AllInputsSeen):
+                    run_block(work, call)
                 recorder.next_call()
     finally:
         recorder.close()

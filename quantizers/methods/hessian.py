@@ -56,6 +56,15 @@ def output_error(delta: Tensor, hessian: Tensor) -> float:
     return float(((d @ hessian.to(torch.float32)) * d).sum())
 
 
+class AllInputsSeen(Exception):
+    """Raised by a recorder once every layer has had its input in this call.
+
+    What the forward would compute after that (SmolLM2's down_proj output, a
+    quarter of a block's matmul work) is never used by a Hessian pass, so the
+    caller catches this and moves on to the next call.
+    """
+
+
 class HessianRecorder:
     """Forward hooks accumulating the input Hessian of each given linear layer.
 
@@ -66,10 +75,12 @@ class HessianRecorder:
     compared within one call.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+    def __init__(self, layers: dict[str, nn.Linear], stop_early: bool = False) -> None:
         self.accumulators: dict[str, HessianAccumulator] = {}
         self.shares_input_of: dict[str, str] = {}
         self._seen: list[tuple[Tensor, str]] = []
+        self._called: set[str] = set()
+        self._stop_after = len(layers) if stop_early else None
         self._handles = [
             module.register_forward_pre_hook(self._hook_for(name))
             for name, module in layers.items()
@@ -78,19 +89,24 @@ class HessianRecorder:
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            self._called.add(name)
             for other_input, other in self._seen:
                 if other_input is x:
                     self.shares_input_of[name] = other
-                    return
-            self._seen.append((x, name))
-            if name not in self.accumulators:
-                self.accumulators[name] = HessianAccumulator(module.in_features)
-            self.accumulators[name].add(x)
+                    break
+            else:
+                self._seen.append((x, name))
+                if name not in self.accumulators:
+                    self.accumulators[name] = HessianAccumulator(module.in_features)
+                self.accumulators[name].add(x)
+            if len(self._called) == self._stop_after:
+                raise AllInputsSeen
 
         return hook
 
     def next_call(self) -> None:
         self._seen.clear()
+        self._called.clear()
 
     def hessian_of(self, name: str) -> Tensor:
         """The Hessian of layer `name` (its own or the one it shares)."""
@@ -108,3 +124,4 @@ class HessianRecorder:
             handle.remove()
         self._handles.clear()
         self._seen.clear()
+        self._called.clear()
