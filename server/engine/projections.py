@@ -6,9 +6,10 @@ preparations, done once per served model, make them stream better:
 
 * **Fusion.** q/k/v and gate/up read the same input, so their weights are
   concatenated along the output axis and run as one matmul each (2 calls
-  instead of 5 per layer). Float weights concatenate as they are; per-channel
-  int8 codes and scales, and the CPU int4 kernel's packed rows and
-  `[groups, N, 2]` scales, concatenate along N just as cleanly.
+  instead of 5 per layer). Float weights concatenate as they are, and so do
+  per-channel int8 codes and scales along N; the CPU int4 kernel's packed
+  rows and `[groups, N, 2]` scales do too when every part is a whole number
+  of the kernel's 64-row blocks (SmolLM2's are).
 * **oneDNN prepacking (bf16 on CPU).** `F.linear` re-reads a plain row-major
   weight every call; reordering it once into oneDNN's blocked layout
   (`mkldnn._reorder_linear_weight`) makes the one-row matmul ~1.5-2x faster
@@ -77,10 +78,11 @@ class PlainLinear(nn.Module):
 
 def _concat_bias(modules: Sequence[nn.Module], dtype: torch.dtype) -> Tensor | None:
     biases = [getattr(m, "bias", None) for m in modules]
-    if all(b is None for b in biases):
+    present = [b for b in biases if b is not None]
+    if not present:
         return None
     return torch.cat([
-        torch.zeros(m.out_features, dtype=dtype, device=m.weight.device) if b is None
+        torch.zeros(m.out_features, dtype=dtype, device=present[0].device) if b is None
         else b.detach().to(dtype)
         for m, b in zip(modules, biases, strict=True)
     ])

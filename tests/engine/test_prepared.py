@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from quantizers import quantize
 from quantizers.runtime.int8 import Int8WeightOnlyLinear
@@ -79,6 +79,29 @@ def test_int4_rows_that_do_not_concatenate_stay_unfused_and_exact() -> None:
     prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
     assert all(p.prepared is None for p in prepared.qkv)
     assert all(p.prepared is not None for p in prepared.gate_up)
+    for want, got in zip(_steps(reference), _steps(prepared), strict=True):
+        assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_biased_qkv_fuse_exactly(method: str | None) -> None:
+    """Qwen2 has q/k/v biases: they are concatenated with the weights."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=300, max_position_embeddings=128,
+        tie_word_embeddings=True, initializer_range=0.5,
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+    if method is not None:
+        quantize(model, method)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    assert all(p.prepared is not None for p in prepared.qkv)
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)
 
