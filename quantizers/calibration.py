@@ -10,7 +10,6 @@ deterministic sample of input rows for methods that score candidate settings.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
@@ -142,7 +141,8 @@ class ActivationStats:
     sq_sum: Tensor
     count: int
     rows: Tensor | None = None
-    _row_parts: list[Tensor] = field(default_factory=list, repr=False)
+    _row_buffer: Tensor | None = field(default=None, repr=False)
+    _rows_filled: int = field(default=0, repr=False)
 
     @property
     def mean_square(self) -> Tensor:
@@ -171,9 +171,14 @@ class _StatsHooks:
     """
 
     def __init__(
-        self, per_batch_rows: int, rows_for: Collection[str] | None, row_dtype: torch.dtype | None
+        self,
+        keep_rows: int,
+        per_batch_rows: int,
+        rows_for: Collection[str] | None,
+        row_dtype: torch.dtype | None,
     ) -> None:
         self.stats: dict[str, ActivationStats] = {}
+        self.keep_rows = keep_rows
         self.per_batch_rows = per_batch_rows
         self.rows_for = rows_for
         self.row_dtype = row_dtype
@@ -210,25 +215,36 @@ class _StatsHooks:
             return
         x = x.detach().reshape(-1, x.shape[-1])
         step = max(x.shape[0] // self.per_batch_rows, 1)
-        rows = x[::step][: self.per_batch_rows]
-        item._row_parts.append(rows.to(self.row_dtype or rows.dtype, copy=True))
+        rows = x[::step][: min(self.per_batch_rows, self.keep_rows - item._rows_filled)]
+        if item._row_buffer is None:
+            # One buffer per input, filled in place: row parts allocated batch
+            # by batch between the forward's temporaries fragment the heap.
+            item._row_buffer = torch.empty(
+                self.keep_rows, x.shape[-1], dtype=self.row_dtype or x.dtype
+            )
+        item._row_buffer[item._rows_filled : item._rows_filled + rows.shape[0]] = rows
+        item._rows_filled += rows.shape[0]
         self._rows_taken.add(id(item))
 
 
-def _forward_kwargs(model: nn.Module, hooked: Collection[nn.Module]) -> dict[str, Any]:
-    """Ask a causal LM for the last position's logits only, unless its head is hooked.
+def _calibration_forward(
+    model: nn.Module, hooked: Collection[nn.Module]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The module to run and its keyword arguments: a causal LM's body without its head.
 
-    The head's matmul over a 49k vocabulary is a fifth of SmolLM2's forward and
-    its logits are thrown away here.
+    The head's logits are thrown away here, and under bfloat16 autocast its
+    49k-row matrix (SmolLM2's tied embedding) would be cast afresh for every
+    batch: a fifth of the forward's time and, through allocator fragmentation,
+    over 100 MiB of resident memory. A transformers model's `base_model` is the
+    body; it is run whenever every hooked module lives inside it.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    forward = getattr(model, "forward", None)
-    if head is None or head in hooked or forward is None:
-        return {}
-    if "logits_to_keep" not in inspect.signature(forward).parameters:
-        return {}
-    return {"logits_to_keep": 1, "use_cache": False}
+    body = getattr(model, "base_model", model)
+    if body is model or not isinstance(body, nn.Module):
+        return model, {}
+    inside = set(body.modules())
+    if any(module not in inside for module in hooked):
+        return model, {}
+    return body, {"use_cache": False}
 
 
 def collect_activation_stats(
@@ -253,7 +269,7 @@ def collect_activation_stats(
         raise ConfigError("no calibration batches", "calibration")
     wanted = set(module_names) if module_names is not None else None
     per_batch = -(-keep_rows // len(batches)) if keep_rows > 0 else 0
-    hooks = _StatsHooks(per_batch, rows_for, compute_dtype)
+    hooks = _StatsHooks(keep_rows, per_batch, rows_for, compute_dtype)
     modules = {
         name: module
         for name, module in model.named_modules()
@@ -261,7 +277,7 @@ def collect_activation_stats(
     }
     handles = [module.register_forward_pre_hook(hooks.hook_for(n)) for n, module in modules.items()]
     device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model, list(modules.values()))
+    forward, kwargs = _calibration_forward(model, list(modules.values()))
     # No weight-cast cache: it would hold a low-precision copy of every weight
     # until the pass ends, which is most of the float model again.
     autocast = (
@@ -273,13 +289,13 @@ def collect_activation_stats(
         with torch.no_grad(), autocast:
             for batch in batches:
                 hooks.start_batch()
-                model(batch.to(device), **kwargs)
+                forward(batch.to(device), **kwargs)
     finally:
         hooks.start_batch()
         for handle in handles:
             handle.remove()
     for item in hooks.stats.values():
-        if item._row_parts:
-            item.rows = torch.cat(item._row_parts)[:keep_rows]
-            item._row_parts = []
+        if item._row_buffer is not None:
+            item.rows = item._row_buffer[: item._rows_filled]
+            item._row_buffer = None
     return hooks.stats

@@ -121,7 +121,7 @@ def test_a_shared_input_is_measured_once_and_the_head_is_skipped(
     tiny_llama: nn.Module, tiny_tokens: torch.Tensor
 ) -> None:
     """q/k/v read one tensor and share one stats object; the logits are not
-    needed, so the head's matmul only runs when the head itself is hooked."""
+    needed, so the head only runs when it is itself hooked."""
     batches = [tiny_tokens[:1], tiny_tokens[1:]]
     stats = collect_activation_stats(tiny_llama, batches, keep_rows=8)
     layer = "model.layers.0.self_attn"
@@ -138,7 +138,7 @@ def test_a_shared_input_is_measured_once_and_the_head_is_skipped(
         collect_activation_stats(tiny_llama, batches, [f"{layer}.q_proj"])
     finally:
         hook.remove()
-    assert [x.shape[1] for x in inputs] == [1, 1]
+    assert inputs == []
 
 
 def test_bfloat16_forward_gives_close_statistics(
