@@ -50,7 +50,9 @@ class W8A8DynamicConfig(MethodConfig):
 @dataclass(frozen=True)
 class W8A8StaticConfig(MethodConfig):
     """calibration_tokens: at most this many calibration tokens are run (evenly
-    spaced whole sequences); ranges settle long before the default 64 x 256."""
+    spaced whole sequences). More is not better here: on SmolLM2, 16384 tokens
+    see rarer outliers than 4096, stretch the ranges, and raise WikiText-2
+    perplexity from 47.3 to 54.5 while taking four times as long."""
 
     calibration_tokens: int = CALIBRATION_TOKENS
 
