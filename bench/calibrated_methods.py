@@ -10,8 +10,7 @@ on a busy 2-core machine. Every variant is scored on the same tokens in the
 same run, with the same window functions as `quantserve eval`.
 
     python bench/calibrated_methods.py --limit-tokens 8192 --calibration-samples 32
-    python bench/calibrated_methods.py --limit-tokens 4096 --calibration-samples 64 \
-        --calibration-seq-len 256 --threads 1 --only w8a8-dynamic,w8a8-static,smoothquant
+    python bench/calibrated_methods.py --threads 1 --only w8a8-dynamic,w8a8-static,smoothquant
 """
 
 from __future__ import annotations
