@@ -145,8 +145,9 @@ def _kl(model: nn.Module, sequences: list[Tensor], reference: list[Tensor]) -> f
 
 
 def _padded(weight: Tensor, width: int) -> Tensor:
-    """weight [N, K] zero-padded to [N, width] input channels, as the int4 layout stores it."""
-    return F.pad(weight, (0, width - weight.shape[1]))
+    """weight [N, K] zero-padded to [N, width] input channels, as the int4 layout
+    stores it (the same tensor when no padding is needed: no second copy)."""
+    return weight if weight.shape[1] == width else F.pad(weight, (0, width - weight.shape[1]))
 
 
 @register_method("feedback", FeedbackConfig)
@@ -169,13 +170,18 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
         if grid is None or name not in floats or name not in stats:
             continue
         kp = grid.codes.shape[1]
+        weight = floats.pop(name)
         layers[name] = _Layer(
-            weight=_padded(floats[name], kp),
+            weight=_padded(weight, kp),
             importance=_padded(stats[name].mean_square.reshape(1, -1), kp)[0],
             grid=grid,
             bias=getattr(module, "bias", None),
-            in_features=floats[name].shape[1],
+            in_features=weight.shape[1],
         )
+        del weight
+    # Float weights of layers the start left alone are not needed any more:
+    # each layer holds one float copy at most, never two.
+    floats.clear()
 
     history = [
         {
