@@ -382,7 +382,11 @@ def served_part(args: argparse.Namespace) -> dict[str, Any]:
 
     gguf = embedded_model_path()
     ours_port, llama_port = free_port(), free_port()
-    env = {**os.environ, "QUANTSERVE_MAX_BATCH": str(max(args.concurrency_levels))}
+    env = {
+        **os.environ,
+        "QUANTSERVE_MAX_BATCH": str(max(args.concurrency_levels)),
+        "QUANTSERVE_NUM_THREADS": str(args.threads),  # the same cores as llama.cpp's
+    }
     ours = subprocess.Popen(
         [str(REPO / ".venv/bin/quantserve"), "serve", "--port", str(ours_port),
          *args.serve_args.split()],
@@ -413,7 +417,7 @@ def served_part(args: argparse.Namespace) -> dict[str, Any]:
             process.terminate()
             process.wait(30)
     print(f"\nserved: {args.served_tokens} tokens per request, {args.rounds} requests per "
-          f"client, quantserve `serve {args.serve_args}`, llama.cpp {args.threads} threads")
+          f"client, quantserve `serve {args.serve_args}`, both servers {args.threads} threads")
     print(f"{'server':<18}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
           f"{'e2e p50':>9}{'e2e p95':>9}{'errors':>8}")
     for name, rows in table.items():
