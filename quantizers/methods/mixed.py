@@ -21,6 +21,7 @@ layer's width, and then no calibration data is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,12 +195,10 @@ def _sensitivities(
         for b in calibration[::stride][: config.sensitivity_samples]
     ]
 
-    def weight_at(target: LayerTarget) -> Any:
+    def weight_at(target: LayerTarget) -> Callable[[int], Tensor]:
         def build(bits: int) -> Tensor:
-            weight = target.module.weight.detach().float()
-            if bits == FLOAT_BITS:
-                return weight
-            return rtn_weight(weight, bits, target.config.group_size)
+            """The dequantised RTN weight the int4/int8 kernel would compute with."""
+            return rtn_weight(target.module.weight.detach().float(), bits, target.config.group_size)
 
         return build
 
