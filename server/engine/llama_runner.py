@@ -14,7 +14,9 @@ runner calls the model's own modules (so quantised drop-in replacements of
 * grouped-query attention at decode folds the query heads that share a KV head
   into the query-length axis, so keys are never repeated;
 * q/k/v and gate/up run as one matmul each and bf16 weights are prepacked for
-  oneDNN (`projections.py`), exactly where that gives the same numbers.
+  oneDNN (`projections.py`), exactly where that gives the same numbers; the
+  prepared modules replace the originals inside the model, so the weights are
+  held once.
 """
 
 from __future__ import annotations
@@ -84,20 +86,22 @@ class LlamaRunner:
         with torch.inference_mode():
             self.dtype = self.embed(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
 
-        def projection(*modules: nn.Module) -> Projection:
-            return Projection(modules, prepare=prepare, dtype=self.dtype, prepack=prepack)
+        def projection(owner: nn.Module, *names: str, pack: bool = prepack) -> Projection:
+            sites = [(owner, name) for name in names]
+            return Projection(sites, prepare=prepare, dtype=self.dtype, prepack=pack)
 
         self.qkv = [
-            projection(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-            for layer in self.layers
+            projection(layer.self_attn, "q_proj", "k_proj", "v_proj") for layer in self.layers
         ]
-        self.o_proj = [projection(layer.self_attn.o_proj) for layer in self.layers]
-        self.gate_up = [
-            projection(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers
-        ]
-        self.down = [projection(layer.mlp.down_proj) for layer in self.layers]
+        self.o_proj = [projection(layer.self_attn, "o_proj") for layer in self.layers]
+        self.gate_up = [projection(layer.mlp, "gate_proj", "up_proj") for layer in self.layers]
+        self.down = [projection(layer.mlp, "down_proj") for layer in self.layers]
         self.act = [layer.mlp.act_fn for layer in self.layers]
-        self.lm_head = projection(model.lm_head)
+        # A head tied to the embedding stays plain: the embedding looks rows up in
+        # that same weight, so a packed head would be a second copy of it.
+        head_weight = getattr(model.lm_head, "weight", None)
+        tied = head_weight is not None and head_weight is getattr(self.embed, "weight", None)
+        self.lm_head = projection(model, "lm_head", pack=prepack and not tied)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -123,7 +127,9 @@ class LlamaRunner:
 
     @property
     def prepared_weight_bytes(self) -> int:
-        """Bytes of the fused / prepacked weight copies this runner holds."""
+        """Bytes preparation adds to the model's own: prepared modules replace the
+        originals in the model, so this is 0 unless something else still holds
+        the replaced modules' tensors."""
         projections = [*self.qkv, *self.o_proj, *self.gate_up, *self.down, self.lm_head]
         return sum(p.weight_bytes for p in projections)
 

@@ -19,13 +19,24 @@ preparations, done once per served model, make them stream better:
 
 Every fused or packed projection is checked once against the modules it
 replaces on random inputs; a mismatch keeps the modules as they are, so the
-prepared path is exact or not used. The prepared weights are copies: they add
-their bytes (`weight_bytes`) to the served model's memory.
+prepared path is exact or not used.
+
+**Memory.** A prepared projection *replaces* its modules inside the model
+rather than sitting beside them: a fused one is installed as one `FusedPart`
+per original module (each a column slice of the shared fused output), a
+single packed one as the `PackedLinear` itself. The original modules are then
+unreferenced and freed, so preparation adds no weight bytes (a 7B model must
+not hold its weights twice), and the model's own forward still works, on the
+prepared weights. A packed weight is an opaque oneDNN tensor that parameter
+walks cannot read, so `PackedLinear` carries a zero-byte stand-in parameter of
+the weight's shape and dtype: the model's inventory (`param_count`,
+`weight_bytes`) still counts the weights it holds in packed form.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -54,26 +65,56 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.out_features = int(weight.shape[0])
-        self.weight_bytes = weight.numel() * weight.element_size()
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-        self.bias = None if bias is None else bias.detach().to(weight.dtype)
+        self.bias = None if bias is None else _frozen(bias.detach().to(weight.dtype))
+        # The weight's shape and dtype on one element of storage: what the model's
+        # parameter walks count in place of the opaque packed tensor.
+        stand_in = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        self.stand_in = _frozen(stand_in.expand(weight.shape))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class PlainLinear(nn.Module):
-    """A linear over a weight the runner owns (a concatenation of several)."""
+    """A linear over a weight the runner built (a concatenation of several)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.weight = weight
-        self.bias = bias
-        self.weight_bytes = weight.numel() * weight.element_size()
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
+        self.weight = _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class FusedPart(nn.Module):
+    """What one original module computed, as columns `start:stop` of a fused one.
+
+    Installed in the model in place of that module, so the model's own forward
+    keeps working (computing the whole fusion per part: exact, not fast; the
+    runner calls the fused module once instead).
+    """
+
+    def __init__(self, fused: nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self.fused = fused
+        self.start, self.stop = start, stop
+        self.in_features = int(fused.in_features)
+        self.out_features = stop - start
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fused(x)[..., self.start : self.stop]
+
+
+def _frozen(tensor: Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def _concat_bias(modules: Sequence[nn.Module], dtype: torch.dtype) -> Tensor | None:
@@ -141,7 +182,22 @@ def _fuse_quantized(modules: Sequence[QuantizedLinear]) -> nn.Module | None:
     return fused
 
 
+def _already_fused(modules: Sequence[nn.Module]) -> nn.Module | None:
+    """The fused module behind parts a previous preparation installed, when
+    `modules` are all of its parts in order: reused, not fused again."""
+    if not all(isinstance(m, FusedPart) for m in modules):
+        return None
+    fused = modules[0].fused
+    bounds = [0, *(m.stop for m in modules)]
+    if any(m.fused is not fused or m.start != bounds[i] for i, m in enumerate(modules)):
+        return None
+    return fused if bounds[-1] == fused.out_features else None
+
+
 def _build(modules: Sequence[nn.Module], prepack: bool) -> nn.Module | None:
+    reused = _already_fused(modules)
+    if reused is not None:
+        return reused
     kinds = {type(m) for m in modules}
     if len(kinds) != 1 or len({getattr(m, "in_features", None) for m in modules}) != 1:
         return None
@@ -153,40 +209,56 @@ def _build(modules: Sequence[nn.Module], prepack: bool) -> nn.Module | None:
     return _fuse_quantized(modules)
 
 
-def _bytes(module: nn.Module) -> int:
-    own = getattr(module, "weight_bytes", None)
-    if own is not None:
-        return int(own)
-    return sum(t.numel() * t.element_size() for t in module.buffers())
-
-
 class Projection:
     """Several projections of one input, computed as one prepared matmul when exact.
 
+    Built from the model's modules at `sites` (`(owner, attribute)` pairs);
+    when prepared, the prepared module is installed there in their place.
     Called with `[M, K]` activations, returns one `[M, N_i]` tensor per
     original module (views of the fused output when fused).
     """
 
     def __init__(
-        self, modules: Sequence[nn.Module], *, prepare: bool, dtype: torch.dtype,
+        self, sites: Sequence[tuple[nn.Module, str]], *, prepare: bool, dtype: torch.dtype,
         prepack: bool = True,
     ) -> None:
         """`prepare=False` keeps the modules as they are; `prepack=False` fuses
         without oneDNN packing (inductor cannot trace packed weights)."""
-        self.modules = list(modules)
+        self.modules = [getattr(owner, name) for owner, name in sites]
         self.sizes = [int(m.out_features) for m in self.modules]
         prepared = _build(self.modules, prepack) if prepare else None
         if prepared is not None and not self._matches(prepared, dtype):
             prepared = None
         self.prepared = prepared
+        self._replaced: list[weakref.ref[Tensor]] = []
         self.forward: Callable[[Tensor], tuple[Tensor, ...]] = self._separate
         if prepared is not None:
+            self._install(sites, prepared)
             self.forward = lambda x: self._split(prepared(x))
+
+    def _install(self, sites: Sequence[tuple[nn.Module, str]], prepared: nn.Module) -> None:
+        """Put the prepared module in the model where the originals were, and
+        keep only weak references to the originals' tensors."""
+        own = {id(t) for t in _tensors(prepared)}
+        self._replaced = [
+            weakref.ref(t) for m in self.modules for t in _tensors(m) if id(t) not in own
+        ]
+        if len(sites) == 1:
+            parts = [prepared]
+        else:
+            stops = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes))]
+            starts = [0, *stops[:-1]]
+            parts = [FusedPart(prepared, a, b) for a, b in zip(starts, stops, strict=True)]
+        for (owner, name), part in zip(sites, parts, strict=True):
+            setattr(owner, name, part)
+        self.modules = parts
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the prepared copy adds (0 when the modules run as they are)."""
-        return 0 if self.prepared is None else _bytes(self.prepared)
+        """Bytes preparation adds: the replaced modules' tensors that something
+        outside the model still holds (0 once they are freed, as when serving)."""
+        alive = [t for t in (ref() for ref in self._replaced) if t is not None]
+        return sum(t.numel() * t.element_size() for t in alive)
 
     @torch.inference_mode()
     def _matches(self, prepared: nn.Module, dtype: torch.dtype) -> bool:

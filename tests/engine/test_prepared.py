@@ -109,18 +109,24 @@ def test_biased_qkv_fuse_exactly(method: str | None) -> None:
 @pytest.mark.skipif(
     not can_prepack(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 on this CPU"
 )
-def test_bf16_projections_are_prepacked() -> None:
+def test_bf16_projections_are_prepacked_but_a_tied_head_is_not() -> None:
+    """A head tied to the embedding stays plain: packing it would copy the
+    embedding's weight, which the embedding lookup still needs."""
     runner = LlamaRunner(_model("bfloat16", None, None), max_batch=1, max_seq_len=16)
-    single = [*runner.o_proj, *runner.down, runner.lm_head]
+    single = [*runner.o_proj, *runner.down]
     assert all(isinstance(p.prepared, PackedLinear) for p in [*runner.qkv, *single])
+    assert runner.lm_head.prepared is None
 
 
 def test_mixed_kinds_run_unfused_and_exact() -> None:
     torch.manual_seed(0)
     float_linear = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     int8_linear = Int8WeightOnlyLinear.from_float(nn.Linear(64, 16, bias=False))
-    projection = Projection([int8_linear, float_linear], prepare=True, dtype=torch.bfloat16)
+    owner = nn.Module()
+    owner.a, owner.b = int8_linear, float_linear
+    projection = Projection([(owner, "a"), (owner, "b")], prepare=True, dtype=torch.bfloat16)
     assert projection.prepared is None
+    assert owner.a is int8_linear and owner.b is float_linear
     x = torch.randn(3, 64).to(torch.bfloat16)
     a, b = projection(x)
     assert torch.equal(a, int8_linear(x))
