@@ -145,7 +145,8 @@ def quantize_group(
 
     GPTQ treats output rows independently given H, so q/k/v (or gate/up)
     stacked into one matrix cost one Cholesky and one column sweep. Each
-    layer's working copy (`working[name]`) gets its dequantised result, so the
+    layer's working copy (`working[name]`, where a later pass needs one) gets
+    its dequantised result, never the float layer itself, so the
     block can run on the quantised values with bf16 matmuls (3x faster than
     the int4 kernel at calibration batch sizes) to feed the next block.
     """
@@ -180,8 +181,9 @@ def quantize_group(
             }
             with ctx.layer_errors(target.name):
                 module = runtime_module(part, config, target.module)
-            copy_weight = working[target.name].weight
-            copy_weight.data = part.weight[:, :k].to(copy_weight.dtype)
+            if target.name in working:
+                copy_weight = working[target.name].weight
+                copy_weight.data = part.weight[:, :k].to(copy_weight.dtype)
             ctx.replace(target.name, module, **info)
 
 
@@ -225,7 +227,7 @@ def _quantize_outside_blocks(
         recorder.close()
     for target in targets:
         hessian = recorder.hessian_of(target.name)
-        quantize_group(ctx, [target], hessian, {target.name: target.module})
+        quantize_group(ctx, [target], hessian, {})
 
 
 @register_method("gptq", GPTQConfig)
