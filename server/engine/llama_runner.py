@@ -16,7 +16,7 @@ runner calls the model's own modules (so quantised drop-in replacements of
 * q/k/v and gate/up run as one matmul each and bf16 weights are prepacked for
   oneDNN (`projections.py`), exactly where that gives the same numbers; the
   prepared modules replace the originals inside the model, so the weights are
-  held once.
+  held once (but for a packed head tied to the embedding).
 """
 
 from __future__ import annotations
@@ -86,9 +86,11 @@ class LlamaRunner:
         with torch.inference_mode():
             self.dtype = self.embed(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
 
-        def projection(owner: nn.Module, *names: str, pack: bool = prepack) -> Projection:
+        def projection(owner: nn.Module, *names: str, install: bool = True) -> Projection:
             sites = [(owner, name) for name in names]
-            return Projection(sites, prepare=prepare, dtype=self.dtype, prepack=pack)
+            return Projection(
+                sites, prepare=prepare, dtype=self.dtype, prepack=prepack, install=install
+            )
 
         self.qkv = [
             projection(layer.self_attn, "q_proj", "k_proj", "v_proj") for layer in self.layers
@@ -97,11 +99,11 @@ class LlamaRunner:
         self.gate_up = [projection(layer.mlp, "gate_proj", "up_proj") for layer in self.layers]
         self.down = [projection(layer.mlp, "down_proj") for layer in self.layers]
         self.act = [layer.mlp.act_fn for layer in self.layers]
-        # A head tied to the embedding stays plain: the embedding looks rows up in
-        # that same weight, so a packed head would be a second copy of it.
+        # A head tied to the embedding stays in the model: the embedding looks
+        # rows up in that same weight, so its prepared (packed) form is extra.
         head_weight = getattr(model.lm_head, "weight", None)
         tied = head_weight is not None and head_weight is getattr(self.embed, "weight", None)
-        self.lm_head = projection(model, "lm_head", pack=prepack and not tied)
+        self.lm_head = projection(model, "lm_head", install=not tied)
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(
@@ -128,8 +130,8 @@ class LlamaRunner:
     @property
     def prepared_weight_bytes(self) -> int:
         """Bytes preparation adds to the model's own: prepared modules replace the
-        originals in the model, so this is 0 unless something else still holds
-        the replaced modules' tensors."""
+        originals in the model, so this is only a packed head tied to the
+        embedding, plus whatever else still holds replaced modules' tensors."""
         projections = [*self.qkv, *self.o_proj, *self.gate_up, *self.down, self.lm_head]
         return sum(p.weight_bytes for p in projections)
 

@@ -27,10 +27,16 @@ per original module (each a column slice of the shared fused output), a
 single packed one as the `PackedLinear` itself. The original modules are then
 unreferenced and freed, so preparation adds no weight bytes (a 7B model must
 not hold its weights twice), and the model's own forward still works, on the
-prepared weights. A packed weight is an opaque oneDNN tensor that parameter
-walks cannot read, so `PackedLinear` carries a zero-byte stand-in parameter of
-the weight's shape and dtype: the model's inventory (`param_count`,
-`weight_bytes`) still counts the weights it holds in packed form.
+prepared weights. The one exception is a bf16 head tied to the embedding: the
+embedding looks rows up in that weight, which a packed layout cannot serve, so
+the packed head is kept beside it (`install=False`). That costs vocab x hidden
+bf16 bytes (54 MiB on SmolLM2) and buys ~2x on the largest matmul of a decode
+step (the plain head made a SmolLM2 bf16 step ~18% slower here).
+
+A packed weight is an opaque oneDNN tensor that parameter walks cannot read,
+so `PackedLinear` carries a zero-byte stand-in parameter of the weight's shape
+and dtype: the model's inventory (`param_count`, `weight_bytes`) still counts
+the weights it holds in packed form.
 """
 
 from __future__ import annotations
@@ -220,10 +226,12 @@ class Projection:
 
     def __init__(
         self, sites: Sequence[tuple[nn.Module, str]], *, prepare: bool, dtype: torch.dtype,
-        prepack: bool = True,
+        prepack: bool = True, install: bool = True,
     ) -> None:
         """`prepare=False` keeps the modules as they are; `prepack=False` fuses
-        without oneDNN packing (inductor cannot trace packed weights)."""
+        without oneDNN packing (inductor cannot trace packed weights);
+        `install=False` leaves the model's modules in place and keeps the
+        prepared one beside them, for weights the model needs in plain form too."""
         self.modules = [getattr(owner, name) for owner, name in sites]
         self.sizes = [int(m.out_features) for m in self.modules]
         prepared = _build(self.modules, prepack) if prepare else None
@@ -233,16 +241,18 @@ class Projection:
         self._replaced: list[weakref.ref[Tensor]] = []
         self.forward: Callable[[Tensor], tuple[Tensor, ...]] = self._separate
         if prepared is not None:
-            self._install(sites, prepared)
+            self._install(sites if install else [], prepared)
             self.forward = lambda x: self._split(prepared(x))
 
     def _install(self, sites: Sequence[tuple[nn.Module, str]], prepared: nn.Module) -> None:
-        """Put the prepared module in the model where the originals were, and
-        keep only weak references to the originals' tensors."""
+        """Put the prepared module in the model where the originals were (at no
+        sites: nowhere), and keep only weak references to the originals' tensors."""
         own = {id(t) for t in _tensors(prepared)}
         self._replaced = [
             weakref.ref(t) for m in self.modules for t in _tensors(m) if id(t) not in own
         ]
+        if not sites:
+            return
         if len(sites) == 1:
             parts = [prepared]
         else:
@@ -256,7 +266,8 @@ class Projection:
     @property
     def weight_bytes(self) -> int:
         """Bytes preparation adds: the replaced modules' tensors that something
-        outside the model still holds (0 once they are freed, as when serving)."""
+        still holds (0 once they are freed, as when serving; a head tied to the
+        embedding stays held by it)."""
         alive = [t for t in (ref() for ref in self._replaced) if t is not None]
         return sum(t.numel() * t.element_size() for t in alive)
 

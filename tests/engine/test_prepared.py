@@ -109,13 +109,16 @@ def test_biased_qkv_fuse_exactly(method: str | None) -> None:
 @pytest.mark.skipif(
     not can_prepack(torch.zeros(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 on this CPU"
 )
-def test_bf16_projections_are_prepacked_but_a_tied_head_is_not() -> None:
-    """A head tied to the embedding stays plain: packing it would copy the
-    embedding's weight, which the embedding lookup still needs."""
-    runner = LlamaRunner(_model("bfloat16", None, None), max_batch=1, max_seq_len=16)
-    single = [*runner.o_proj, *runner.down]
+def test_bf16_projections_are_prepacked_and_a_tied_head_beside_the_embedding() -> None:
+    """A head tied to the embedding is packed but left in the model, since the
+    embedding lookup still needs its plain weight: that copy is the extra."""
+    model = _model("bfloat16", None, None)
+    runner = LlamaRunner(model, max_batch=1, max_seq_len=16)
+    single = [*runner.o_proj, *runner.down, runner.lm_head]
     assert all(isinstance(p.prepared, PackedLinear) for p in [*runner.qkv, *single])
-    assert runner.lm_head.prepared is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    head = model.lm_head.weight
+    assert runner.prepared_weight_bytes == head.numel() * head.element_size()
 
 
 def test_mixed_kinds_run_unfused_and_exact() -> None:

@@ -1,5 +1,6 @@
 """Preparing a model for the runner holds its weights once: the prepared
-modules replace the originals inside the model (which are then freed), the
+modules replace the originals inside the model (which are then freed; a
+packed head tied to the embedding is the one, reported, extra), the
 model's own forward still computes the same numbers, and a second runner on
 the same model reuses the fusion instead of fusing the fused parts again."""
 
@@ -21,15 +22,22 @@ from tests.engine.test_prepared import VARIANTS, _model
 _SCRATCH_BYTES = 4096
 
 
+def _packed_bytes(module: nn.Module | None) -> int:
+    """The opaque packed weights under `module` (the blocked layout holds the same elements)."""
+    if module is None:
+        return 0
+    packed = [m.packed for m in module.modules() if isinstance(m, PackedLinear)]
+    return sum(p.numel() * p.element_size() for p in packed)
+
+
 def _storage_bytes(model: nn.Module) -> int:
     """Bytes of every distinct storage the model's parameters and buffers use,
-    plus the opaque packed weights (the blocked layout holds the same elements)."""
+    plus its packed weights."""
     storages = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
         for t in [*model.parameters(), *model.buffers()]
     }
-    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]
-    return sum(storages.values()) + sum(p.numel() * p.element_size() for p in packed)
+    return sum(storages.values()) + _packed_bytes(model)
 
 
 def _tensors(model: nn.Module) -> list[Tensor]:
@@ -50,8 +58,12 @@ def test_preparation_frees_what_it_replaces(
     assert all(p.prepared is not None for p in [*runner.qkv, *runner.gate_up])
     kept = {id(t) for t in _tensors(model)}
     assert all(ref() is None or id(ref()) in kept for ref in originals)
-    assert before <= _storage_bytes(model) <= before + _SCRATCH_BYTES
-    assert runner.prepared_weight_bytes == 0
+    packed_head = isinstance(runner.lm_head.prepared, PackedLinear)
+    head = model.lm_head.weight
+    extra = head.numel() * head.element_size() if packed_head else 0
+    assert before + extra <= _storage_bytes(model) + _packed_bytes(runner.lm_head.prepared)
+    assert _storage_bytes(model) <= before + _SCRATCH_BYTES
+    assert runner.prepared_weight_bytes == extra
     # What the server reports about the model does not change either.
     assert weight_bytes(model) == reported
     if method is None:
