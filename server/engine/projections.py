@@ -188,22 +188,7 @@ def _fuse_quantized(modules: Sequence[QuantizedLinear]) -> nn.Module | None:
     return fused
 
 
-def _already_fused(modules: Sequence[nn.Module]) -> nn.Module | None:
-    """The fused module behind parts a previous preparation installed, when
-    `modules` are all of its parts in order: reused, not fused again."""
-    if not all(isinstance(m, FusedPart) for m in modules):
-        return None
-    fused = modules[0].fused
-    bounds = [0, *(m.stop for m in modules)]
-    if any(m.fused is not fused or m.start != bounds[i] for i, m in enumerate(modules)):
-        return None
-    return fused if bounds[-1] == fused.out_features else None
-
-
 def _build(modules: Sequence[nn.Module], prepack: bool) -> nn.Module | None:
-    reused = _already_fused(modules)
-    if reused is not None:
-        return reused
     kinds = {type(m) for m in modules}
     if len(kinds) != 1 or len({getattr(m, "in_features", None) for m in modules}) != 1:
         return None
