@@ -139,50 +139,97 @@ def variant_model(base: LoadedModel, name: str) -> LoadedModel:
     return LoadedModel(base.model_id, model, base.tokenizer, base.source, dtype, quantization)
 
 
-def decode_part(args: argparse.Namespace) -> dict[str, Any]:
+def in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on a thread that then exits.
+
+    libgomp keeps one OpenMP pool per thread that ran a parallel region and,
+    once more threads are pooled than there are cores, shortens every pool's
+    spin-wait: a bf16 decode step on the engine's worker thread took 17.4 ms
+    next to an idle pool on the main thread against 11.7 ms without it (same
+    process, 2 threads). The server loads on a thread that exits, so the engine's
+    worker is its only pool; a contender process is set up the same way.
+    """
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    if not box:
+        raise RuntimeError("contender set-up failed (see the traceback above)")
+    return box[0]
+
+
+def build_contender(label: str, args: argparse.Namespace) -> tuple[Callable[[], Speed], dict]:
+    """The measuring function of one contender, and its start-up figures."""
     torch.set_num_threads(args.threads)
+    kind, _, name = label.partition(" ")
     base = load_model(dtype="float32")
     ids = prompt_ids(base.tokenizer, args.prompt_tokens)
-    contenders: dict[str, Callable[[], Speed]] = {}
-    engines: list[Engine] = []
-    warmups: dict[str, dict[str, float]] = {}
-    for name in args.variants.split(","):
-        loaded = variant_model(base, name)
-        if name in ("fp32", "bf16"):
-            model = loaded.model
-            contenders[f"generate {name}"] = (
-                lambda m=model: generate_speed(m, ids, args.tokens)
-            )
-        engine = Engine(loaded, max_batch=1, max_batch_tokens=1024, num_threads=args.threads,
-                        compile=args.compile)
-        engine.start()  # compilation and warm-up happen here, outside the timed runs
-        extra = engine.stats().extra
-        warmups[name] = {
-            key: extra[key] for key in ("warmup_seconds", "compile_seconds", "decode_compiled")
-        }
-        engines.append(engine)
-        contenders[f"quantserve {name}"] = lambda e=engine: engine_speed(e, ids, args.tokens)
-    if args.llama:
+    if kind == "llama.cpp":
         from llama_cpp import Llama
 
         workdir = Path(tempfile.gettempdir()) / "quantserve-bench"
         workdir.mkdir(exist_ok=True)
+        path = base.source if name == "Q4_1" else requantize_q8(base.source, workdir)
         eos = int(base.tokenizer.eos_token_id)
-        for label, path in (
-            ("llama.cpp Q4_1", base.source),
-            ("llama.cpp Q8_0", requantize_q8(base.source, workdir)),
-        ):
-            llm = Llama(
-                model_path=str(path), n_ctx=1024, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False,
-            )
-            contenders[label] = lambda m=llm: llama_speed(m, ids, args.tokens, eos)
-    results: dict[str, list[Speed]] = {name: [] for name in contenders}
-    for _ in range(args.reps):
-        for name, run in contenders.items():
-            results[name].append(run())
-    for engine in engines:
-        engine.shutdown()
+        llm = Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads,
+                    n_threads_batch=args.threads, verbose=False)
+        return (lambda: llama_speed(llm, ids, args.tokens, eos)), {}
+    loaded = variant_model(base, name)
+    if kind == "generate":
+        return (lambda: generate_speed(loaded.model, ids, args.tokens)), {}
+    engine = Engine(loaded, max_batch=1, max_batch_tokens=1024, num_threads=args.threads,
+                    compile=args.compile)
+    engine.start()  # compilation and warm-up happen here, outside the timed runs
+    extra = engine.stats().extra
+    info = {key: extra[key] for key in ("warmup_seconds", "compile_seconds", "decode_compiled")}
+    return (lambda: engine_speed(engine, ids, args.tokens)), info
+
+
+def contender_process(conn: Any, label: str, args: argparse.Namespace) -> None:
+    """Serve `run` requests for one contender until told to stop.
+
+    Each contender has its own process, so the OpenMP pools of the others
+    (idle while it runs) cannot slow it down; set-up runs on a thread that
+    exits, and only the measurement runs on this process's main thread.
+    """
+    run, info = in_fresh_thread(lambda: build_contender(label, args))
+    conn.send(info)
+    while conn.recv() == "run":
+        speed = run()
+        conn.send((speed.prefill_tps, speed.decode_tps))
+
+
+def decode_part(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
+
+    labels = [f"generate {n}" for n in args.variants.split(",") if n in ("fp32", "bf16")]
+    labels += [f"quantserve {n}" for n in args.variants.split(",")]
+    if args.llama:
+        labels += ["llama.cpp Q4_1", "llama.cpp Q8_0"]
+    context = multiprocessing.get_context("spawn")
+    pipes: dict[str, Any] = {}
+    processes = []
+    warmups: dict[str, dict[str, float]] = {}
+    for label in labels:  # set up one at a time: each loads the model
+        parent, child = context.Pipe()
+        process = context.Process(target=contender_process, args=(child, label, args))
+        process.start()
+        processes.append(process)
+        pipes[label] = parent
+        info = parent.recv()
+        if info:
+            warmups[label.split(" ", 1)[1]] = info
+    results: dict[str, list[Speed]] = {label: [] for label in labels}
+    try:
+        for _ in range(args.reps):
+            for label, pipe in pipes.items():
+                pipe.send("run")
+                results[label].append(Speed(*pipe.recv()))
+    finally:
+        for pipe in pipes.values():
+            pipe.send("stop")
+        for process in processes:
+            process.join(60)
     table = {
         name: {
             "prefill_tps": statistics.median(s.prefill_tps for s in speeds),
@@ -195,7 +242,7 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name}: warm-up {info['warmup_seconds']:.1f} s, of which compiling "
               f"{info['compile_seconds']:.1f} s (decode "
               f"{'compiled' if info['decode_compiled'] else 'eager'})")
-    print(f"\nbatch-1, prompt {len(ids)} tokens, {args.tokens} greedy tokens, "
+    print(f"\nbatch-1, prompt {args.prompt_tokens} tokens, {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.reps} (alternating)")
     print(f"{'contender':<22}{'prefill tok/s':>15}{'decode tok/s':>15}")
     for name, row in table.items():
