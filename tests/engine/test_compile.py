@@ -73,6 +73,9 @@ def test_failed_compilation_serves_eagerly(caplog: pytest.LogCaptureFixture) -> 
     """No C++ compiler for inductor: a warning, then the eager step serves."""
     loaded = make_loaded()
     engine = Engine(loaded, max_batch=2, max_batch_tokens=128, num_threads=1, compile="on")
+    # Graphs compiled earlier in this process would be reused without calling
+    # the compiler at all; forget them so this start really has to compile.
+    torch._dynamo.reset()
     with (
         inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}),
         caplog.at_level(logging.WARNING, logger="quantserve.engine"),
