@@ -13,17 +13,18 @@ than its start on the calibration data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from quantizers.calibration import collect_activation_stats
 from quantizers.errors import ConfigError, QuantizationCancelled
-from quantizers.methods.block_walk import compute_in_bf16, stack_batches
-from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid
+from quantizers.methods.block_walk import stack_batches
+from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid, padded_to
 from quantizers.methods.sensitivity import measured_kl
 from quantizers.registry import (
     HEAD_INCLUDED_SKIP,
@@ -33,6 +34,7 @@ from quantizers.registry import (
     get_method,
     register_method,
 )
+from quantizers.runtime.base import COMPUTE_DTYPE
 from quantizers.runtime.int4 import Int4WeightOnlyLinear
 from quantizers.runtime.int8 import Int8WeightOnlyLinear
 
@@ -79,7 +81,7 @@ class FeedbackConfig(MethodConfig):
 
 @dataclass
 class _Layer:
-    """A refinable layer: its float weight (padded), input importance and current grid."""
+    """A refinable layer: its float weight (unpadded), input importance and current grid."""
 
     weight: Tensor
     importance: Tensor
@@ -132,22 +134,33 @@ def _start(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> Quant
     return start_ctx
 
 
-def _logits(model: nn.Module, sequences: list[Tensor]) -> list[Tensor]:
-    """Logits of each calibration sequence, one at a time (the vocabulary is large)."""
-    with compute_in_bf16():
-        return [model(input_ids=ids.reshape(1, -1), use_cache=False).logits for ids in sequences]
+@contextmanager
+def _bf16_forward() -> Iterator[None]:
+    """Forwards in bf16 on float weights, without autocast's weight-cast cache.
+
+    The cache keeps a bf16 copy of every float weight a forward touched until
+    the region ends: half the float model again while the float model is still
+    whole (the statistics and reference passes). Casting afresh per call gives
+    the same values.
+    """
+    with torch.autocast("cpu", dtype=COMPUTE_DTYPE, cache_enabled=False), torch.no_grad():
+        yield
+
+
+def _sequence_logits(model: nn.Module, ids: Tensor) -> Tensor:
+    """Logits of one calibration sequence (the vocabulary is large: one at a time)."""
+    with _bf16_forward():
+        return model(input_ids=ids.reshape(1, -1), use_cache=False).logits
 
 
 def _kl(model: nn.Module, sequences: list[Tensor], reference: list[Tensor]) -> float:
-    logits = _logits(model, sequences)
-    kls = [measured_kl(ref, new) for ref, new in zip(reference, logits, strict=True)]
+    """Mean KL over the sequences, each sequence's logits dropped once measured,
+    so only the reference logits are held for all of them."""
+    kls = [
+        measured_kl(ref, _sequence_logits(model, ids))
+        for ids, ref in zip(sequences, reference, strict=True)
+    ]
     return sum(kls) / len(kls)
-
-
-def _padded(weight: Tensor, width: int) -> Tensor:
-    """weight [N, K] zero-padded to [N, width] input channels, as the int4 layout
-    stores it (the same tensor when no padding is needed: no second copy)."""
-    return weight if weight.shape[1] == width else F.pad(weight, (0, width - weight.shape[1]))
 
 
 @register_method("feedback", FeedbackConfig)
@@ -155,12 +168,18 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
     batches = ctx.require_calibration()
     kl_batches = list(batches[: config.kl_samples])
     names = [t.name for t in ctx.targets]
-    floats = {t.name: t.module.weight.detach().float().clone() for t in ctx.targets}
-    with compute_in_bf16():
+    # References, not copies: the start swaps each float layer for a quantised
+    # module and leaves its weight alone, so holding the weight keeps the float
+    # model's own memory alive instead of allocating a second float copy.
+    floats = {t.name: t.module.weight.detach().float() for t in ctx.targets}
+    with torch.no_grad():
         stats = collect_activation_stats(
-            model, stack_batches(batches[: config.stat_samples]), module_names=names
+            model,
+            stack_batches(batches[: config.stat_samples]),
+            module_names=names,
+            compute_dtype=COMPUTE_DTYPE,
         )
-    reference = _logits(model, kl_batches)
+    reference = [_sequence_logits(model, ids) for ids in kl_batches]
 
     start_ctx = _start(model, config, ctx)
     layers: dict[str, _Layer] = {}
@@ -172,15 +191,15 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
         kp = grid.codes.shape[1]
         weight = floats.pop(name)
         layers[name] = _Layer(
-            weight=_padded(weight, kp),
-            importance=_padded(stats[name].mean_square.reshape(1, -1), kp)[0],
+            weight=weight,
+            importance=padded_to(stats[name].mean_square.reshape(1, -1), kp)[0],
             grid=grid,
             bias=getattr(module, "bias", None),
             in_features=weight.shape[1],
         )
         del weight
-    # Float weights of layers the start left alone are not needed any more:
-    # each layer holds one float copy at most, never two.
+    # Drop the other references: the float weights of layers the start
+    # quantised into modules that are not refined are freed here.
     floats.clear()
 
     history = [
@@ -190,7 +209,10 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
             "layer_error": sum(layer.error() for layer in layers.values()),
         }
     ]
-    best = (history[0]["kl"], {name: layer.grid for name, layer in layers.items()})
+    # The best round is kept as its installed modules (packed, half a byte per
+    # weight), not as grids: a grid's unpacked codes take a byte per weight,
+    # and the current round's grids are held besides.
+    best = (history[0]["kl"], {name: model.get_submodule(name) for name in layers})
     _report_round(ctx, 0, config.rounds)
     for round_index in range(1, config.rounds + 1):
         ctx.check_cancel()
@@ -210,15 +232,11 @@ def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) 
         _report_round(ctx, round_index, config.rounds)
         if kl >= best[0]:
             break
-        best = (kl, {name: layer.grid for name, layer in layers.items()})
+        best = (kl, {name: model.get_submodule(name) for name in layers})
 
     for name in start_ctx.layers:
         ctx.check_cancel()
-        if name in layers:
-            layers[name].grid = best[1][name]
-            module = layers[name].module()
-        else:
-            module = model.get_submodule(name)
+        module = best[1][name] if name in best[1] else model.get_submodule(name)
         ctx.replace(name, module, **start_ctx.layers[name])
     ctx.extra["feedback"] = {
         "start": config.start,

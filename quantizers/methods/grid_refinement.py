@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from quantizers.methods.column_grid import KERNEL_PARAM_DTYPE
@@ -29,12 +30,20 @@ def _kernel(value: Tensor) -> Tensor:
     return value.to(KERNEL_PARAM_DTYPE).to(torch.float32)
 
 
+def padded_to(weight: Tensor, width: int) -> Tensor:
+    """weight [N, K] zero-padded to [N, width] input channels, as the int4 layout
+    stores it (the same tensor when no padding is needed: no second copy)."""
+    return weight if weight.shape[1] == width else F.pad(weight, (0, width - weight.shape[1]))
+
+
 @dataclass(frozen=True)
 class GroupGrid:
     """An int4 layer as the kernel sees it: w = (q - 8) · scale + offset per group.
 
-    codes [N, Kp], scale and offset [N, G]; weight is the float weight [N, Kp]
-    (zero-padded) and importance the input channels' mean square [Kp].
+    codes [N, Kp], scale and offset [N, G]; weight is the float weight [N, K],
+    K <= Kp, and importance the input channels' mean square [Kp]. The weight is
+    zero-padded to Kp only for the call: a padded copy kept for every layer
+    would be a second float model.
     """
 
     codes: Tensor
@@ -53,13 +62,14 @@ class GroupGrid:
         return (q * self.scale[..., None] + self.offset[..., None]).reshape(n, kp)
 
     def weighted_error(self, weight: Tensor, importance: Tensor) -> float:
+        weight = padded_to(weight, self.codes.shape[1])
         return float(((self.dequantized() - weight) ** 2 * importance).sum())
 
     def refined(self, weight: Tensor, importance: Tensor) -> GroupGrid:
         """One Lloyd step: least-squares (scale, offset), then re-rounded codes."""
-        n, kp = weight.shape
+        n, kp = self.codes.shape
         shape = (n, kp // self.group_size, self.group_size)
-        w = weight.reshape(shape)
+        w = padded_to(weight, kp).reshape(shape)
         h = importance.reshape(1, *shape[1:]).expand(shape) + 1e-12
         q = self.codes.float().reshape(shape) - INT4_MID
         total = h.sum(-1)
