@@ -24,6 +24,8 @@ from quantizers.primitives import symmetric_qmax
 
 # Groups whose codes are (almost) all equal keep their previous grid.
 _MIN_CODE_VARIANCE = 1e-6
+# Output channels refined at once in an int8 layer.
+_ROWS_PER_STEP = 4096
 
 
 def _kernel(value: Tensor) -> Tensor:
@@ -62,8 +64,9 @@ class GroupGrid:
         return (q * self.scale[..., None] + self.offset[..., None]).reshape(n, kp)
 
     def weighted_error(self, weight: Tensor, importance: Tensor) -> float:
-        weight = padded_to(weight, self.codes.shape[1])
-        return float(((self.dequantized() - weight) ** 2 * importance).sum())
+        return _weighted_error(
+            self.dequantized(), padded_to(weight, self.codes.shape[1]), importance
+        )
 
     def refined(self, weight: Tensor, importance: Tensor) -> GroupGrid:
         """One Lloyd step: least-squares (scale, offset), then re-rounded codes."""
@@ -96,15 +99,42 @@ class ChannelGrid:
         return self.codes.float() * self.scale[:, None]
 
     def weighted_error(self, weight: Tensor, importance: Tensor) -> float:
-        return float(((self.dequantized() - weight) ** 2 * importance).sum())
+        return _weighted_error(self.dequantized(), weight, importance)
 
     def refined(self, weight: Tensor, importance: Tensor) -> ChannelGrid:
-        """Least-squares scale per channel for the current codes, then re-rounded codes."""
-        q = self.codes.float()
+        """Least-squares scale per channel for the current codes, then re-rounded codes.
+
+        Every step is per output channel, so it runs on slices of rows: a tied
+        lm_head has 49k of them, and whole-matrix float temporaries would be
+        several times its float weight at once.
+        """
+        parts = [
+            self._refined_rows(weight[rows], importance, rows)
+            for rows in _row_slices(weight.shape[0])
+        ]
+        return ChannelGrid(torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
+
+    def _refined_rows(
+        self, weight: Tensor, importance: Tensor, rows: slice
+    ) -> tuple[Tensor, Tensor]:
+        q = self.codes[rows].float()
+        old_scale = self.scale[rows]
         num = (importance * q * weight).sum(-1)
         den = (importance * q * q).sum(-1)
-        scale = _kernel(torch.where(den > 0, num / den.clamp_min(1e-12), self.scale))
-        scale = torch.where(scale > 0, scale, self.scale)
+        scale = _kernel(torch.where(den > 0, num / den.clamp_min(1e-12), old_scale))
+        scale = torch.where(scale > 0, scale, old_scale)
         qmax = symmetric_qmax(8)
         codes = torch.round(weight / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-        return ChannelGrid(codes, scale)
+        return codes, scale
+
+
+def _row_slices(rows: int) -> list[slice]:
+    return [
+        slice(start, min(start + _ROWS_PER_STEP, rows)) for start in range(0, rows, _ROWS_PER_STEP)
+    ]
+
+
+def _weighted_error(dequantized: Tensor, weight: Tensor, importance: Tensor) -> float:
+    """Σ importance · (dequantized - weight)², computed in place in `dequantized`
+    (a fresh tensor): the same operations as the plain expression, one temporary."""
+    return float(dequantized.sub_(weight).pow_(2).mul_(importance).sum())
