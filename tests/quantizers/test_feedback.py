@@ -55,6 +55,27 @@ def test_refinement_lowers_the_weighted_error_and_runs_on_the_int4_kernel() -> N
     torch.testing.assert_close(module(x).float(), expected, atol=3e-2, rtol=3e-2)
 
 
+def test_an_unpadded_weight_refines_as_its_zero_padded_copy() -> None:
+    """Feedback keeps layers' float weights unpadded (a padded copy of every
+    layer would be a second float model); the grid pads them per call."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(16, 40, generator=gen) * 0.05
+    padded = torch.nn.functional.pad(weight, (0, 24))
+    importance = torch.cat([torch.rand(40, generator=gen) + 0.1, torch.zeros(24)])
+    q, scale, zero = quantize_per_group_asymmetric(padded, 4, 32)
+    grid = GroupGrid(q, scale, (8 - zero) * scale, 32)
+
+    from_unpadded, from_padded = grid.refined(weight, importance), grid.refined(padded, importance)
+    assert torch.equal(from_unpadded.codes, from_padded.codes)
+    assert torch.equal(from_unpadded.scale, from_padded.scale)
+    assert from_unpadded.weighted_error(weight, importance) == from_padded.weighted_error(
+        padded, importance
+    )
+    assert from_unpadded.weighted_error(weight, importance) < grid.weighted_error(
+        weight, importance
+    )
+
+
 def test_feedback_is_never_worse_than_its_start_and_reports_every_round() -> None:
     batches = calibration()
     kl_ids = torch.cat(batches[:4])
