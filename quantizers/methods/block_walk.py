@@ -117,15 +117,26 @@ def working_copy(block: nn.Module) -> nn.Module:
 
 @contextmanager
 def compute_in_bf16() -> Iterator[None]:
-    """Block forwards in bf16 (5x the CPU's float32 matmul rate) on float weights."""
-    with torch.autocast("cpu", dtype=COMPUTE_DTYPE), torch.no_grad():
+    """Forwards in bf16 (5x the CPU's float32 matmul rate) on float weights.
+
+    Without autocast's weight-cast cache: it would keep a bf16 copy of every
+    float weight a forward touched until the region ends, half the float model
+    again while that model is still whole. Casting afresh per call gives the
+    same values.
+    """
+    with torch.autocast("cpu", dtype=COMPUTE_DTYPE, cache_enabled=False), torch.no_grad():
         yield
 
 
-def run_block(block: nn.Module, call: BlockCall) -> Tensor:
-    """The block's output hidden states for one call."""
+def block_output(block: nn.Module, call: BlockCall) -> Tensor:
+    """The block's output hidden states for one call, in the block's dtype."""
     out = block(call.hidden, **call.kwargs)
-    return (out[0] if isinstance(out, tuple) else out).to(COMPUTE_DTYPE)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_block(block: nn.Module, call: BlockCall) -> Tensor:
+    """The block's output hidden states for one call, in bfloat16."""
+    return block_output(block, call).to(COMPUTE_DTYPE)
 
 
 def advance(block: nn.Module, calls: Sequence[BlockCall]) -> list[BlockCall]:

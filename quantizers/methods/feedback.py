@@ -13,8 +13,7 @@ than its start on the calibration data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from quantizers.calibration import collect_activation_stats
 from quantizers.errors import ConfigError, QuantizationCancelled
-from quantizers.methods.block_walk import stack_batches
+from quantizers.methods.block_walk import compute_in_bf16, stack_batches
 from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid, padded_to
 from quantizers.methods.sensitivity import measured_kl
 from quantizers.registry import (
@@ -134,22 +133,9 @@ def _start(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> Quant
     return start_ctx
 
 
-@contextmanager
-def _bf16_forward() -> Iterator[None]:
-    """Forwards in bf16 on float weights, without autocast's weight-cast cache.
-
-    The cache keeps a bf16 copy of every float weight a forward touched until
-    the region ends: half the float model again while the float model is still
-    whole (the statistics and reference passes). Casting afresh per call gives
-    the same values.
-    """
-    with torch.autocast("cpu", dtype=COMPUTE_DTYPE, cache_enabled=False), torch.no_grad():
-        yield
-
-
 def _sequence_logits(model: nn.Module, ids: Tensor) -> Tensor:
     """Logits of one calibration sequence (the vocabulary is large: one at a time)."""
-    with _bf16_forward():
+    with compute_in_bf16():
         return model(input_ids=ids.reshape(1, -1), use_cache=False).logits
 
 

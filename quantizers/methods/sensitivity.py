@@ -28,7 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.errors import ConfigError
-from quantizers.methods.block_walk import BlockCall, capture_first_block_inputs, decoder_blocks
+from quantizers.methods.block_walk import (
+    BlockCall,
+    block_output,
+    capture_first_block_inputs,
+    decoder_blocks,
+)
 
 
 def measured_kl(reference_logits: Tensor, logits: Tensor) -> float:
@@ -65,11 +70,6 @@ class _Reference:
         return torch.logsumexp(z, dim=-1) - self.lse - shift
 
 
-def _run(block: nn.Module, call: BlockCall) -> Tensor:
-    out = block(call.hidden, **call.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @dataclass(frozen=True)
 class _Site:
     """Where a layer sits: its block index (None: the head) and its module."""
@@ -102,7 +102,7 @@ class SensitivityProbe:
         with torch.no_grad():
             for block in blocks:
                 self._inputs.append(calls)
-                calls = [replace(call, hidden=_run(block, call)) for call in calls]
+                calls = [replace(call, hidden=block_output(block, call)) for call in calls]
             self._final = [call.hidden for call in calls]
             self._reference = [_Reference.of(self._tail(h)) for h in self._final]
         self.tokens = sum(int(h.shape[0] * h.shape[1]) for h in self._final)
@@ -133,7 +133,7 @@ class SensitivityProbe:
                         call = self._inputs[site.block][index]
                         hidden = call.hidden
                         for block in self._blocks[site.block :]:
-                            hidden = _run(block, replace(call, hidden=hidden))
+                            hidden = block_output(block, replace(call, hidden=hidden))
                     total += float(reference.kl(self._tail(hidden)).sum())
         finally:
             site.module.weight.data = original
