@@ -22,7 +22,12 @@ from quantizers.primitives import (
     quantize_per_channel_symmetric,
     quantize_per_token_symmetric,
 )
-from quantizers.runtime.base import QuantizedLinear, as_matrix, check_int8_per_channel
+from quantizers.runtime.base import (
+    QuantizedLinear,
+    as_matrix,
+    check_int8_per_channel,
+    kernel_tensor,
+)
 
 # cuBLASLt's int8 matmul needs more than 16 rows; smaller batches are padded.
 _CUDA_MIN_ROWS = 17
@@ -62,7 +67,7 @@ class W8A8Linear(QuantizedLinear):
     ) -> None:
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias)
-        self.register_buffer("weight", weight.to(torch.int8).contiguous())
+        self.register_buffer("weight", kernel_tensor(weight.to(torch.int8)))
         self.register_buffer("weight_scale", weight_scale.detach().float().contiguous())
         static = input_scale is not None
         if static and input_zero is None:

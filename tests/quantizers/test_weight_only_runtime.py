@@ -16,6 +16,7 @@ from quantizers.primitives import (
 )
 from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from quantizers.runtime.int8 import DEQUANT_MIN_ROWS, dequantized_matmul
+from quantizers.runtime.w8a8 import W8A8Linear
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,7 +54,8 @@ def test_int8_matches_dequantised_and_float(k: int, n: int) -> None:
 @pytest.mark.parametrize("rows", [1, 5, 8])
 def test_weights_read_unaligned_are_realigned_for_the_kernels(rows: int) -> None:
     """Tensors inside a safetensors file are only 8-byte aligned; the int8
-    kernel crashed on such a weight with several rows, so modules copy them."""
+    kernel crashed on such a weight with several rows, so modules copy them
+    (W8A8 too, whose `_int_mm` reads its weight the same way)."""
     linear = make_linear(64, 64, bias=False)
     q, scale = quantize_per_channel_symmetric(linear.weight)
     int4 = Int4WeightOnlyLinear.from_float(linear, 32)
@@ -70,11 +72,14 @@ def test_weights_read_unaligned_are_realigned_for_the_kernels(rows: int) -> None
     int4_unaligned = Int4WeightOnlyLinear(
         unaligned(int4.packed), int4.scales_and_zeros, 32, 64, 64, None
     )
-    for tensor in (module.weight, module.scale, embedding.weight, int4_unaligned.packed):
+    w8a8 = W8A8Linear(unaligned(q), scale, None)
+    for tensor in (module.weight, module.scale, embedding.weight, int4_unaligned.packed,
+                   w8a8.weight):
         assert tensor.data_ptr() % 64 == 0
     x = torch.randn(rows, 64)
     assert torch.equal(module(x), Int8WeightOnlyLinear(q, scale, None)(x))
     assert torch.equal(int4_unaligned(x), int4(x))
+    assert torch.equal(w8a8(x), W8A8Linear(q, scale, None)(x))
 
 
 @pytest.mark.parametrize(("rows", "n"), [(1, 4100), (DEQUANT_MIN_ROWS, 4100), (64, 96)])
