@@ -39,7 +39,8 @@ from quantizers.runtime.base import COMPUTE_DTYPE
 DEFAULT_SKIP: tuple[str, ...] = ("*embed_tokens*", "*norm*", "lm_head")
 
 # The default skip list of the weight-only methods that store a tied lm_head as
-# int8 codes shared with the embedding (`int8`, `int4`). That matrix is a fifth
+# int8 codes shared with the embedding (`int8`, `int4`, and `gptq`, `feedback`
+# and `mixed`, which build on them). That matrix is a fifth
 # of SmolLM2: left in bfloat16 it alone keeps int8 above 0.27x and int4 g128
 # above 0.16x of the float32 bytes. Opt out per call by putting "lm_head" back
 # in the skip list.
@@ -424,9 +425,9 @@ def quantize(
     Layers are replaced one at a time and each float layer is freed once its
     quantised form is installed (peak memory ~ the float model plus one float
     layer's temporaries plus the quantised result); the model ends in the
-    compute dtype (bfloat16)
-    because the low-bit kernels are fast only with bfloat16 activations. On any
-    error the model is left partially quantised and must be discarded.
+    compute dtype (bfloat16) because the low-bit kernels are fast only with
+    bfloat16 activations. On any error the model is left partially quantised
+    and must be discarded.
     """
     entry = get_method(method)
     cfg = entry.make_config(config)
