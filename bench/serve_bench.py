@@ -34,6 +34,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +159,17 @@ def in_fresh_thread(fn: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def build_contender(label: str, args: argparse.Namespace) -> tuple[Callable[[], Speed], dict]:
-    """The measuring function of one contender, and its start-up figures."""
+def build_contender(
+    label: str, args: argparse.Namespace
+) -> tuple[Callable[[], tuple[float, float]], dict]:
+    """The measuring function of one decode contender (prefill and decode
+    tokens/s, as a plain tuple for the pipe), and its start-up figures."""
     torch.set_num_threads(args.threads)
     kind, _, name = label.partition(" ")
     base = load_model(dtype="float32")
     ids = prompt_ids(base.tokenizer, args.prompt_tokens)
+    measure: Callable[[], Speed]
+    info: dict = {}
     if kind == "llama.cpp":
         from llama_cpp import Llama
 
@@ -173,63 +179,82 @@ def build_contender(label: str, args: argparse.Namespace) -> tuple[Callable[[], 
         eos = int(base.tokenizer.eos_token_id)
         llm = Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads,
                     n_threads_batch=args.threads, verbose=False)
-        return (lambda: llama_speed(llm, ids, args.tokens, eos)), {}
-    loaded = variant_model(base, name)
-    if kind == "generate":
-        return (lambda: generate_speed(loaded.model, ids, args.tokens)), {}
-    engine = Engine(loaded, max_batch=1, max_batch_tokens=1024, num_threads=args.threads,
-                    compile=args.compile)
-    engine.start()  # compilation and warm-up happen here, outside the timed runs
-    extra = engine.stats().extra
-    info = {key: extra[key] for key in ("warmup_seconds", "compile_seconds", "decode_compiled")}
-    return (lambda: engine_speed(engine, ids, args.tokens)), info
+        measure = partial(llama_speed, llm, ids, args.tokens, eos)
+    elif kind == "generate":
+        model = variant_model(base, name).model
+        measure = partial(generate_speed, model, ids, args.tokens)
+    else:
+        engine = Engine(variant_model(base, name), max_batch=1, max_batch_tokens=1024,
+                        num_threads=args.threads, compile=args.compile)
+        engine.start()  # compilation and warm-up happen here, outside the timed runs
+        extra = engine.stats().extra
+        info = {k: extra[k] for k in ("warmup_seconds", "compile_seconds", "decode_compiled")}
+        measure = partial(engine_speed, engine, ids, args.tokens)
+
+    def run() -> tuple[float, float]:
+        speed = measure()
+        return speed.prefill_tps, speed.decode_tps
+
+    return run, info
 
 
-def contender_process(conn: Any, label: str, args: argparse.Namespace) -> None:
+Builder = Callable[[str, argparse.Namespace], tuple[Callable[[], Any], dict]]
+
+
+def contender_process(conn: Any, build: Builder, label: str, args: argparse.Namespace) -> None:
     """Serve `run` requests for one contender until told to stop.
 
     Each contender has its own process, so the OpenMP pools of the others
     (idle while it runs) cannot slow it down; set-up runs on a thread that
     exits, and only the measurement runs on this process's main thread.
     """
-    run, info = in_fresh_thread(lambda: build_contender(label, args))
+    run, info = in_fresh_thread(lambda: build(label, args))
     conn.send(info)
     while conn.recv() == "run":
-        speed = run()
-        conn.send((speed.prefill_tps, speed.decode_tps))
+        conn.send(run())
 
 
-def decode_part(args: argparse.Namespace) -> dict[str, Any]:
+def alternate(
+    build: Builder, labels: list[str], args: argparse.Namespace
+) -> tuple[dict[str, list[Any]], dict[str, dict]]:
+    """`args.reps` alternating rounds over the contenders, each in its own
+    process built by `build(label, args)`; their results and set-up infos."""
     import multiprocessing
 
-    labels = [f"generate {n}" for n in args.variants.split(",") if n in ("fp32", "bf16")]
-    labels += [f"quantserve {n}" for n in args.variants.split(",")]
-    if args.llama:
-        labels += ["llama.cpp Q4_1", "llama.cpp Q8_0"]
     context = multiprocessing.get_context("spawn")
     pipes: dict[str, Any] = {}
     processes = []
-    warmups: dict[str, dict[str, float]] = {}
-    for label in labels:  # set up one at a time: each loads the model
-        parent, child = context.Pipe()
-        process = context.Process(target=contender_process, args=(child, label, args))
-        process.start()
-        processes.append(process)
-        pipes[label] = parent
-        info = parent.recv()
-        if info:
-            warmups[label.split(" ", 1)[1]] = info
-    results: dict[str, list[Speed]] = {label: [] for label in labels}
+    infos: dict[str, dict] = {}
     try:
+        for label in labels:  # set up one at a time: each loads the model
+            parent, child = context.Pipe()
+            process = context.Process(target=contender_process,
+                                      args=(child, build, label, args))
+            process.start()
+            processes.append(process)
+            pipes[label] = parent
+            infos[label] = parent.recv()
+        results: dict[str, list[Any]] = {label: [] for label in labels}
         for _ in range(args.reps):
             for label, pipe in pipes.items():
                 pipe.send("run")
-                results[label].append(Speed(*pipe.recv()))
+                results[label].append(pipe.recv())
     finally:
         for pipe in pipes.values():
             pipe.send("stop")
         for process in processes:
             process.join(60)
+    return results, infos
+
+
+def decode_part(args: argparse.Namespace) -> dict[str, Any]:
+    labels = [f"generate {n}" for n in args.variants.split(",") if n in ("fp32", "bf16")]
+    labels += [f"quantserve {n}" for n in args.variants.split(",")]
+    if args.llama:
+        labels += ["llama.cpp Q4_1", "llama.cpp Q8_0"]
+    raw, infos = alternate(build_contender, labels, args)
+    results = {label: [Speed(*row) for row in rows] for label, rows in raw.items()}
+    warmups = {label.split(" ", 1)[1]: info for label, info in infos.items() if info}
     table = {
         name: {
             "prefill_tps": statistics.median(s.prefill_tps for s in speeds),
@@ -304,25 +329,28 @@ def generate_batch_tps(model: Any, prompts: list[list[int]], tokens: int) -> flo
     return produced / (time.perf_counter() - start)
 
 
-def hf_batching_part(args: argparse.Namespace) -> dict[str, Any]:
-    """Why the engine has its own scheduler: transformers' continuous batching
-    against ours on 8 concurrent prompts, bf16, alternating."""
+def build_batching_contender(
+    label: str, args: argparse.Namespace
+) -> tuple[Callable[[], float], dict]:
+    """`generate_batch` or the engine on its own bf16 model (the engine installs
+    its prepared modules in the model it serves, so the two must not share one)."""
     torch.set_num_threads(args.threads)
     loaded = load_model(dtype="bfloat16")
     prompts = [prompt_ids(loaded.tokenizer, 60, offset=3000 + 700 * i) for i in range(8)]
+    if label == "generate_batch":
+        return partial(generate_batch_tps, loaded.model, prompts, args.served_tokens), {}
     engine = Engine(loaded, max_batch=8, max_batch_tokens=1024, num_threads=args.threads)
     engine.start()
-    ours: list[float] = []
-    theirs: list[float] = []
-    try:
-        for _ in range(args.reps):
-            theirs.append(generate_batch_tps(loaded.model, prompts, args.served_tokens))
-            ours.append(engine_batch_tps(engine, prompts, args.served_tokens))
-    finally:
-        engine.shutdown()
+    return partial(engine_batch_tps, engine, prompts, args.served_tokens), {}
+
+
+def hf_batching_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Why the engine has its own scheduler: transformers' continuous batching
+    against ours on 8 concurrent prompts, bf16, alternating."""
+    results, _ = alternate(build_batching_contender, ["generate_batch", "quantserve"], args)
     result = {
-        "generate_batch_tps": statistics.median(theirs),
-        "quantserve_tps": statistics.median(ours),
+        "generate_batch_tps": statistics.median(results["generate_batch"]),
+        "quantserve_tps": statistics.median(results["quantserve"]),
     }
     result["ratio"] = result["quantserve_tps"] / result["generate_batch_tps"]
     print(f"\n8 prompts x {args.served_tokens} tokens, bf16, {args.threads} threads: "
