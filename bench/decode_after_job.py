@@ -2,7 +2,9 @@
 
 A regression check for the engine sharing the process with quantisation: the
 job's compute must not leave anything behind that slows the serving engine
-(an idle OpenMP pool on a long-lived job thread once halved decode speed).
+(an idle OpenMP pool on a long-lived job thread once cut decode speed to
+0.63x). The server run is the one of the checkout this file lives in, so a
+copy placed in an older checkout measures that version.
 Starts `quantserve serve --quantize int8` on loopback with a temporary cache,
 times single-client greedy streams, runs a job to another int8 variant,
 and times them again on the model the job swapped in.
@@ -87,10 +89,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "QUANTSERVE_ADMIN_TOKEN": TOKEN, "QUANTSERVE_CACHE_DIR": cache,
                "QUANTSERVE_NUM_THREADS": str(args.threads)}
+        # The server of the checkout this script lives in (run from a copy in
+        # an older checkout, it measures that version).
         server = subprocess.Popen(
-            [str(REPO / ".venv/bin/quantserve"), "serve", "--port", str(port),
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
              "--quantize", "int8"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_ready(base, server)
