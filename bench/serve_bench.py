@@ -43,11 +43,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from quantizers.datasets import data_file  # noqa: E402
 from quantizers.loading import LoadedModel, load_model  # noqa: E402
 from server.engine import Engine, Finish, GenerationRequest, SamplingParams  # noqa: E402
 
-DATA = Path(os.environ.get("QUANTSERVE_DATA_DIR", REPO.parent / "shared" / "data"))
-TEXT = DATA / "calibration" / "carroll-alice.txt"
+TEXT = data_file(Path("calibration") / "carroll-alice.txt")
 
 
 @dataclass

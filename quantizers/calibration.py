@@ -1,16 +1,16 @@
 """Calibration data and activation statistics, shared by every calibrated method.
 
-Calibration text comes from the shared data directory (never WikiText, which
-is the evaluation set). `calibration_batches` cuts deterministic, evenly spaced
-token windows from it, so the same config always gives the same batches (and
-the same artifact). `collect_activation_stats` runs them through the model with
-hooks on linear inputs and keeps per-input-channel statistics, plus an optional
-deterministic sample of input rows for methods that score candidate settings.
+Calibration text is bundled with the package (`quantizers/data/calibration`;
+never WikiText, which is the evaluation set). `calibration_batches` cuts
+deterministic, evenly spaced token windows from it, so the same config always
+gives the same batches (and the same artifact). `collect_activation_stats` runs
+them through the model with hooks on linear inputs and keeps per-input-channel
+statistics, plus an optional deterministic sample of input rows for methods
+that score candidate settings.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from quantizers.datasets import data_file
 from quantizers.errors import ConfigError
 
 DATASET_FILES = {
@@ -29,14 +30,6 @@ DATASET_FILES = {
 }
 MAX_SAMPLES = 4096
 MAX_SEQ_LEN = 8192
-
-
-def data_dir() -> Path:
-    """`QUANTSERVE_DATA_DIR`, else `<repo>/../shared/data` (read-only, never copied)."""
-    override = os.environ.get("QUANTSERVE_DATA_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _check_int(value: Any, low: int, high: int, param: str) -> None:
@@ -64,7 +57,7 @@ class CalibrationConfig:
     def path(self) -> Path:
         """The text file this config reads; a ConfigError if it is missing."""
         relative = DATASET_FILES.get(self.dataset)
-        path = data_dir() / relative if relative else Path(self.dataset).expanduser()
+        path = data_file(relative) if relative else Path(self.dataset).expanduser()
         if not path.is_file():
             raise ConfigError(f"calibration file not found: {path}", "calibration.dataset")
         return path

@@ -17,11 +17,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def default_data_dir() -> Path:
-    """The shared data folder beside the checkout (`../shared/data`)."""
-    return REPO_ROOT.parent / "shared" / "data"
-
-
 class Settings(BaseSettings):
     """Everything an operator can set. Defaults suit a laptop or a 2-core CI box."""
 
@@ -57,7 +52,6 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(user_cache_dir("quantserve")) / "artifacts"
     )
     cache_max_bytes: int | None = Field(default=None, ge=0)
-    data_dir: Path = Field(default_factory=default_data_dir)
 
     max_batch: int = Field(default=8, ge=1)
     max_batch_tokens: int = Field(default=4096, ge=16)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from quantizers.calibration import data_dir
+from quantizers.datasets import data_file
 
 WIKITEXT_RELATIVE = Path("wikitext-2-raw") / "wiki.test.raw"
 
@@ -25,7 +25,7 @@ class EvaluationDataError(FileNotFoundError):
 
 
 def wikitext_path() -> Path:
-    return data_dir() / WIKITEXT_RELATIVE
+    return data_file(WIKITEXT_RELATIVE)
 
 
 def join_rows(raw: str) -> str:

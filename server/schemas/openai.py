@@ -1,5 +1,5 @@
 """Pydantic models for the OpenAI-compatible API, following the official spec
-(../shared/data/openapi/). Field constraints here are the API contract; limits
+(a copy is in tests/data/openapi/). Field constraints here are the API contract; limits
 that an operator configures (max n, max stop strings, ...) are checked in the
 routes against the settings.
 """

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -138,9 +137,6 @@ def test_image_runtime_serves_from_a_fresh_venv(repo: Path, tmp_path: Path) -> N
         "HF_HOME": str(tmp_path / "home" / "hf"),
         "QUANTSERVE_PORT": str(port),
         "QUANTSERVE_CACHE_DIR": str(tmp_path / "artifacts"),
-        # The image mounts the data at /data; here it is the shared folder.
-        "QUANTSERVE_DATA_DIR": os.environ.get(
-            "QUANTSERVE_DATA_DIR", str(repo.parent / "shared" / "data")),
     }
     command = image_entrypoint(dockerfile)
     assert command == ["quantserve", "serve"]
@@ -164,6 +160,15 @@ def test_image_runtime_serves_from_a_fresh_venv(repo: Path, tmp_path: Path) -> N
             [str(venv / "bin" / "python"), "-c", "import server; print(server.__file__)"],
             cwd=workdir, env=env, capture_output=True, text=True, check=True).stdout
         assert loaded_from.startswith(str(venv)), loaded_from
+        # The image carries the texts: with its /data empty, they come from the package.
+        texts = subprocess.run(
+            [str(venv / "bin" / "python"), "-c",
+             "from quantizers.calibration import CalibrationConfig as C;"
+             "from quantizers.evaluation.wikitext import wikitext_path as w;"
+             "print(C().path()); print(C('alice').path()); print(w())"],
+            cwd=workdir, env=env, capture_output=True, text=True, check=True).stdout.split()
+        assert len(texts) == 3 and all(
+            t.startswith(str(venv)) and Path(t).stat().st_size > 100_000 for t in texts), texts
     finally:
         process.send_signal(signal.SIGTERM)
         try:

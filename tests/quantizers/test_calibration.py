@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+import quantizers
 from quantizers.calibration import (
     CalibrationConfig,
     calibration_batches,
     collect_activation_stats,
-    data_dir,
     subsample_batches,
 )
+from quantizers.datasets import BUNDLED_DATA_DIR
 from quantizers.errors import ConfigError
 
 
@@ -25,9 +26,13 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 256 for c in text]}
 
 
-def test_named_datasets_resolve_in_the_shared_data_dir() -> None:
-    assert CalibrationConfig().path() == data_dir() / "calibration" / "tinyshakespeare.txt"
-    assert CalibrationConfig(dataset="alice").path().name == "carroll-alice.txt"
+def test_named_datasets_resolve_to_the_bundled_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QUANTSERVE_DATA_DIR", raising=False)
+    path = CalibrationConfig().path()
+    assert path == BUNDLED_DATA_DIR / "calibration" / "tinyshakespeare.txt"
+    assert path.is_relative_to(Path(quantizers.__file__).parent)
+    assert path.stat().st_size == 1_115_394
+    assert CalibrationConfig(dataset="alice").path().stat().st_size == 144_396
 
 
 def test_batches_are_deterministic_evenly_spaced_windows(tmp_path: Path) -> None:
@@ -41,7 +46,7 @@ def test_batches_are_deterministic_evenly_spaced_windows(tmp_path: Path) -> None
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
-def test_environment_overrides_the_data_dir(
+def test_a_file_in_the_data_dir_overrides_the_bundled_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "calibration").mkdir()
@@ -49,6 +54,8 @@ def test_environment_overrides_the_data_dir(
     monkeypatch.setenv("QUANTSERVE_DATA_DIR", str(tmp_path))
     batches = calibration_batches(CharTokenizer(), CalibrationConfig("alice", 2, 16))
     assert len(batches) == 2 and int(batches[0][0, 0]) == ord("x")
+    # a folder without the file falls back to the bundled text
+    assert CalibrationConfig().path() == BUNDLED_DATA_DIR / "calibration" / "tinyshakespeare.txt"
 
 
 def test_missing_empty_and_short_files_are_config_errors(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantizers import datasets
 from quantizers.evaluation import wikitext
 from quantizers.evaluation.markdown import replace_section
 from quantizers.evaluation.table import render_table
@@ -65,9 +66,10 @@ def test_prefix_tokens_equal_the_full_tokenisation(tmp_path, monkeypatch) -> Non
 
 
 def test_missing_or_empty_text_is_a_clear_error(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("QUANTSERVE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "BUNDLED_DATA_DIR", tmp_path / "no-bundle")
     with pytest.raises(wikitext.EvaluationDataError, match="not found"):
         wikitext.wikitext_tokens(tiny_tokenizer(), 10)
+    monkeypatch.setenv("QUANTSERVE_DATA_DIR", str(tmp_path))
     (tmp_path / "wikitext-2-raw").mkdir()
     (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("  \n")
     with pytest.raises(wikitext.EvaluationDataError, match="empty"):

@@ -12,7 +12,6 @@ outside what it says about requests and responses: `GET /chat/completions`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.settings import default_data_dir
 from tests.helpers.server_process import ServerProcess
 from tests.reliability.fuzzing import FuzzTally, fuzz_schema, status_summary
 from tests.reliability.serving import ADMIN_AUTH, API_AUTH, MODEL_ID
@@ -36,6 +34,8 @@ pytestmark = pytest.mark.slow  # real server processes (tiny model)
 
 CI_EXAMPLES = 12
 NIGHTLY_EXAMPLES = 300
+OPENAI_SPEC = Path(__file__).resolve().parents[1] / "data" / "openapi" / (
+    "openai-python.openapi.transformed.yml")
 OPENAI_PATHS = {"/completions": {"post"}, "/chat/completions": {"post"}, "/models": {"get"}}
 
 
@@ -51,9 +51,7 @@ def own_schema(server: ServerProcess) -> Any:
 
 def openai_schema() -> Any:
     """The official spec cut down to the implemented operations (references kept)."""
-    data_dir = Path(os.environ.get("QUANTSERVE_DATA_DIR", default_data_dir()))
-    spec = yaml.safe_load((data_dir / "openapi" / "openai-python.openapi.transformed.yml")
-                          .read_text())
+    spec = yaml.safe_load(OPENAI_SPEC.read_text())
     spec["paths"] = {path: {m: op for m, op in spec["paths"][path].items() if m in methods}
                      for path, methods in OPENAI_PATHS.items()}
     spec["servers"] = [{"url": "/v1"}]
