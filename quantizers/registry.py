@@ -331,11 +331,16 @@ ApplyFn = Callable[[nn.Module, Any, QuantContext], None]
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, config class and apply function."""
+    """A registered method: its name, config class and apply function.
+
+    `calibrated`: the method reads calibration batches; callers that give none
+    use the documented default (`CalibrationConfig()`).
+    """
 
     name: str
     config_cls: type[MethodConfig]
     apply: ApplyFn
+    calibrated: bool = False
 
     def make_config(self, config: Mapping[str, Any] | MethodConfig | None) -> MethodConfig:
         if isinstance(config, self.config_cls):
@@ -354,13 +359,15 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[ApplyFn], ApplyFn]:
+def register_method(
+    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False
+) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering apply(model, config, ctx) under `name`."""
 
     def decorator(apply: ApplyFn) -> ApplyFn:
         if name in _METHODS:
             raise ValueError(f"method '{name}' is registered twice")
-        _METHODS[name] = Method(name, config_cls, apply)
+        _METHODS[name] = Method(name, config_cls, apply, calibrated)
         return apply
 
     return decorator

@@ -83,9 +83,13 @@ def resolve_spec(
     config: dict[str, Any] | None,
     calibration: CalibrationConfig | None,
 ) -> VariantSpec:
-    """Validate method and config up front (ConfigError naming the field) and key them."""
+    """Validate method, config and calibration text up front (ConfigError naming
+    the field) and key them. A calibrated method given no calibration gets the
+    documented default (`CalibrationConfig()`), so the key says what was used."""
     entry = get_method(method)
     canonical = entry.make_config(config or {}).to_dict()
+    if calibration is None and entry.calibrated:
+        calibration = CalibrationConfig()
     calibration_part = _calibration_part(calibration)
     try:
         key = artifact_key(base.source_hash, method, canonical, calibration_part, PLAN_FORMAT)

@@ -149,7 +149,7 @@ def _kl(model: nn.Module, sequences: list[Tensor], reference: list[Tensor]) -> f
     return sum(kls) / len(kls)
 
 
-@register_method("feedback", FeedbackConfig)
+@register_method("feedback", FeedbackConfig, calibrated=True)
 def apply_feedback(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> None:
     batches = ctx.require_calibration()
     kl_batches = list(batches[: config.kl_samples])

@@ -230,7 +230,7 @@ def _quantize_outside_blocks(
         quantize_group(ctx, [target], hessian, {})
 
 
-@register_method("gptq", GPTQConfig)
+@register_method("gptq", GPTQConfig, calibrated=True)
 def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantContext) -> None:
     batches = ctx.require_calibration()
     tokens = check_calibration(batches, ctx.targets)

@@ -216,7 +216,7 @@ def _sensitivities(
     return scores, sum(int(b.numel()) for b in batches)
 
 
-@register_method("mixed", MixedConfig)
+@register_method("mixed", MixedConfig, calibrated=True)
 def apply_mixed(model: nn.Module, config: MixedConfig, ctx: QuantContext) -> None:
     knapsack = [t for t in ctx.targets if t.name != ctx.tied_head]
     measured = [t for t in knapsack if len(_widths_for(t)) > 1]

@@ -181,7 +181,7 @@ def smooth(model: nn.Module, group: SmoothGroup, factors: Tensor) -> None:
         weight.data.mul_(factors.to(weight.dtype)[None, :])
 
 
-@register_method("smoothquant", SmoothQuantConfig)
+@register_method("smoothquant", SmoothQuantConfig, calibrated=True)
 def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantContext) -> None:
     target_names = {t.name for t in ctx.targets}
     groups = [g for g in find_groups(model) if target_names & set(g.consumers)]

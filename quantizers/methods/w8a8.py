@@ -180,7 +180,7 @@ def apply_w8a8_dynamic(model: nn.Module, config: W8A8DynamicConfig, ctx: QuantCo
     ctx.quantize_layers(build)
 
 
-@register_method("w8a8-static", W8A8StaticConfig)
+@register_method("w8a8-static", W8A8StaticConfig, calibrated=True)
 def apply_w8a8_static(model: nn.Module, config: W8A8StaticConfig, ctx: QuantContext) -> None:
     stats = calibrate(
         model, ctx, config.calibration_tokens, [t.name for t in ctx.targets], RANGE_ROWS

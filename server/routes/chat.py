@@ -89,6 +89,10 @@ def _chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> Ch
     summary="Create a chat completion",
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    for i, message in enumerate(body.messages):
+        if (field := message.missing_field()) is not None:
+            raise APIError(400, f"messages[{i}].{field} is required for role '{message.role}'",
+                           param=f"messages[{i}].{field}", code="missing_required_parameter")
     engine, settings, loaded = admit(body, request)
     if body.tools:
         raise unsupported("tools", "tool calling is not supported by this server")

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
-StopParam = StrictStr | list[StrictStr] | None
+
+def _utf8(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate (`"\\ud800"`), which no UTF-8
+    text can hold: refuse it here rather than fail in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"string is not valid UTF-8 (a lone surrogate at {exc.start})") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+StopParam = Text | list[Text] | None
 # A prompt is text or token ids, one or many (OpenAI accepts all four forms).
-PromptParam = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+PromptParam = Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
 
 
 class StreamOptions(BaseModel):
@@ -24,7 +44,7 @@ class _Request(BaseModel):
     # clients sending newer fields keep working.
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: Text
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = 1.0
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = 1.0
     n: Annotated[int, Field(ge=1, le=128)] | None = 1
@@ -35,7 +55,7 @@ class _Request(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -52,20 +72,32 @@ class CompletionRequest(_Request):
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=128)] | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class ChatContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: StrictStr
-    text: StrictStr | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ChatContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ChatContentPart] | None = None
+    name: Text | None = None
+    tool_call_id: Text | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def missing_field(self) -> str | None:
+        """The field OpenAI requires for this role that the message lacks:
+        `content` for every role but an assistant turn that calls tools, and
+        `tool_call_id` for a tool result."""
+        if self.role == "tool" and self.tool_call_id is None:
+            return "tool_call_id"
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            return "content"
+        return None
 
 
 class ChatCompletionRequest(_Request):

@@ -213,6 +213,51 @@ def test_malformed_json_and_missing_fields(served: ServerProcess) -> None:
     assert _error(r, 400)["param"].startswith("messages[0]")
 
 
+def test_text_that_is_not_utf8_is_a_400(served: ServerProcess) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    url = f"{served.base_url}/v1/completions"
+    # A lone surrogate is valid JSON but no UTF-8 text: the tokenizer cannot take it.
+    lone = b'{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % MODEL.encode()
+    assert _error(httpx.post(url, headers=headers, content=lone, timeout=30), 400)["param"] == (
+        "prompt")
+    raw = b'{"model": "%s", "prompt": "caf\xe9", "max_tokens": 2}' % MODEL.encode()
+    _error(httpx.post(url, headers=headers, content=raw, timeout=30), 400)
+    chat = (b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", '
+            b'"content": "\\udfff"}]}' % MODEL.encode())
+    r = httpx.post(f"{served.base_url}/v1/chat/completions", headers=headers, content=chat,
+                   timeout=30)
+    assert _error(r, 400)["param"] == "messages[0].content"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "tool"}, "messages[1].tool_call_id"),
+        ({"role": "tool", "tool_call_id": "call_1"}, "messages[1].content"),
+        ({"role": "user"}, "messages[1].content"),
+        ({"role": "system", "content": None}, "messages[1].content"),
+        ({"role": "assistant"}, "messages[1].content"),
+    ],
+)
+def test_chat_messages_missing_role_specific_fields(
+    served: ServerProcess, message: dict[str, object], param: str
+) -> None:
+    r = httpx.post(f"{served.base_url}/v1/chat/completions", headers=AUTH, timeout=30, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, message]})
+    assert _error(r, 400)["param"] == param
+
+
+def test_an_assistant_turn_with_tool_calls_needs_no_content(served: ServerProcess) -> None:
+    r = httpx.post(f"{served.base_url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": MODEL, "max_tokens": 2, "temperature": 0, "messages": [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                 "function": {"name": "add",
+                                                              "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "4"}]})
+    assert r.status_code == 200, r.text
+
+
 def test_oversized_and_deeply_nested_bodies(served: ServerProcess) -> None:
     url = f"{served.base_url}/v1/completions"
     r = httpx.post(url, headers=AUTH, json={"model": MODEL, "prompt": "x" * (2 << 20)},
