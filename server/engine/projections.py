@@ -171,6 +171,10 @@ def _fuse_quantized(modules: Sequence[QuantizedLinear]) -> nn.Module | None:
     sizes = [int(getattr(m, "padded_out", m.out_features)) for m in modules]
     if any(n != m.out_features for n, m in zip(sizes, modules, strict=True)):
         return None
+    # Only the module's own buffers are concatenated: one that keeps its weight
+    # elsewhere (bitsandbytes' inner Linear8bitLt) cannot be fused this way.
+    if any(len(_tensors(m)) != len(list(m.buffers(recurse=False))) for m in modules):
+        return None
     fused = copy.deepcopy(modules[0])
     for name, buffer in modules[0].named_buffers(recurse=False):
         if name == "bias":
@@ -264,7 +268,10 @@ class Projection:
         device = device.device if device is not None else next(self.modules[0].parameters()).device
         for rows in _CHECK_ROWS:
             x = torch.randn(rows, in_features, generator=generator).to(dtype).to(device)
-            fused = self._split(prepared(x))
+            try:
+                fused = self._split(prepared(x))
+            except RuntimeError:
+                return False  # a preparation that cannot run is not exact either
             separate = self._separate(x)
             if not all(torch.equal(a, b) for a, b in zip(fused, separate, strict=True)):
                 return False

@@ -134,3 +134,16 @@ def test_mixed_kinds_run_unfused_and_exact() -> None:
     a, b = projection(x)
     assert torch.equal(a, int8_linear(x))
     assert torch.equal(b, float_linear(x))
+
+
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_modules_run_unfused_and_exact(method: str) -> None:
+    """bitsandbytes keeps its weight in an inner module, not in buffers that
+    concatenate: its projections must stay separate (a fused copy computed 576
+    outputs and was reshaped as 960 on SmolLM2)."""
+    model = _model("bfloat16", method, None)
+    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    assert all(p.prepared is None for p in [*prepared.qkv, *prepared.gate_up])
+    for want, got in zip(_steps(reference), _steps(prepared), strict=True):
+        assert torch.equal(want, got)
