@@ -34,7 +34,7 @@ from server.variant_pipeline import (
     BaseModelRef,
     BuildHooks,
     VariantSpec,
-    build_variant,
+    ensure_variant,
     load_variant,
     resolve_spec,
 )
@@ -152,13 +152,19 @@ class JobManager:
         self._engine = engine
         self.serve_dtype = serve_dtype
         self.quality_tokens = quality_tokens
-        self.active_key: str | None = None
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._current: Job | None = None
+
+    @property
+    def active_key(self) -> str | None:
+        """The artifact being served (None for the base model or before serving):
+        read from the engine, the one record of what is served."""
+        engine = self._engine()
+        return None if engine is None else engine.loaded.metadata.get("artifact")
 
     @cached_property
     def base(self) -> BaseModelRef:
@@ -242,22 +248,14 @@ class JobManager:
         with self._lock:
             self._remember(job)
         job.start()
-        hooks = job.hooks()
         try:
-            artifact = self.store.get(spec.key)
-            if artifact is not None:
-                job.cache_hit = True
-                with hooks.timed("load_artifact"):
-                    loaded = load_variant(artifact, self.base)
-            else:
-                loaded, artifact = build_variant(spec, self.base, self.store, hooks,
-                                                 quality_tokens=self.quality_tokens)
+            loaded, artifact, job.cache_hit = ensure_variant(
+                spec, self.base, self.store, job.hooks(), quality_tokens=self.quality_tokens)
         except BaseException as exc:
             job.finish(JobState.FAILED, describe_error(exc))
             raise
         job.artifact, job.quality = artifact.key, artifact.manifest.get("quality")
         job.finish(JobState.SUCCEEDED)
-        self.active_key = spec.key
         log.info("start-up variant %s (%s) %s in %.1fs", spec.method, spec.key[:12],
                  "loaded from the artifact cache" if job.cache_hit else "quantised and cached",
                  job.timings["total_s"])
@@ -292,7 +290,6 @@ class JobManager:
     def _swap(self, engine: Engine, loaded: LoadedModel) -> None:
         with self._swap_lock:
             engine.swap_model(loaded)
-            self.active_key = loaded.metadata.get("artifact")
         log.info("now serving %s as %s", loaded.model_id, loaded.quantization or "float")
 
     def _remember(self, job: Job) -> None:
@@ -333,9 +330,9 @@ class JobManager:
         log.info("running job %s: %s", job.id, job.spec.method)
         try:
             engine = self._serving_engine()
-            loaded, artifact = build_variant(job.spec, self.base, self.store, hooks,
-                                             protected=self.protected_keys(),
-                                             quality_tokens=self.quality_tokens)
+            loaded, artifact, job.cache_hit = ensure_variant(
+                job.spec, self.base, self.store, hooks, protected=self.protected_keys(),
+                quality_tokens=self.quality_tokens, tokenizer=engine.loaded.tokenizer)
             job.artifact, job.quality = artifact.key, artifact.manifest.get("quality")
             with hooks.timed("swap"):
                 self._swap(engine, loaded)

@@ -176,6 +176,28 @@ def build_variant(
     return loaded, artifact
 
 
+def ensure_variant(
+    spec: VariantSpec,
+    base: BaseModelRef,
+    store: ArtifactStore,
+    hooks: BuildHooks,
+    *,
+    protected: frozenset[str] = frozenset(),
+    quality_tokens: int = QUALITY_TOKENS,
+    tokenizer: Any | None = None,
+) -> tuple[LoadedModel, Artifact, bool]:
+    """The one path from a spec to a servable variant, for start-up and jobs
+    alike: the cached artifact loaded when the store holds it, else a fresh
+    build that is stored first. Returns (model, artifact, cache_hit)."""
+    artifact = store.get(spec.key)
+    if artifact is not None:
+        with hooks.timed("load_artifact"):
+            return load_variant(artifact, base, tokenizer), artifact, True
+    loaded, artifact = build_variant(spec, base, store, hooks, protected=protected,
+                                     quality_tokens=quality_tokens)
+    return loaded, artifact, False
+
+
 def load_variant(
     artifact: Artifact, base: BaseModelRef, tokenizer: Any | None = None
 ) -> LoadedModel:
