@@ -7,12 +7,14 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.reliability.fuzzing import error_shape_problem
+from tests.reliability.metrics_reading import metric_value
 from tests.reliability.serving import MODEL_ID, server_process, tiny_env
 
 pytestmark = pytest.mark.slow  # real server processes (tiny model)
@@ -20,6 +22,16 @@ pytestmark = pytest.mark.slow  # real server processes (tiny model)
 DRAIN_TIMEOUT_S = 60
 IN_FLIGHT = 6
 MAX_TOKENS = 500
+# How long a loaded machine may take to admit the streams or to act on SIGTERM;
+# each wait ends as soon as the condition holds.
+SETTLE_S = 30
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {SETTLE_S}s: {what}"
+        time.sleep(0.02)
 
 
 def stream_completion(base_url: str, results: list[dict], started: threading.Event) -> None:
@@ -48,12 +60,17 @@ def test_sigterm_finishes_in_flight_and_refuses_new_work(
                    for _ in range(IN_FLIGHT)]
         for client in clients:
             client.start()
-        assert started.wait(30), "a stream started"
-        signalled = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-
+        assert started.wait(SETTLE_S), "a stream started"
         with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            # Every stream is in the engine (one running, the rest queued) before
+            # the signal: a busy machine may not have sent them all yet.
+            wait_until(lambda: metric_value(http, "quantserve_requests_running")
+                       + metric_value(http, "quantserve_requests_waiting") == IN_FLIGHT,
+                       "all streams admitted")
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            # The drain has begun once readiness flips; only then is new work refused.
+            wait_until(lambda: http.get("/ready").status_code == 503, "/ready says 503")
             refused = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "late",
                                                          "max_tokens": 2})
             ready = http.get("/ready")
