@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantizers.evaluation.texts import LABELS, WIKITEXT
+
 MIB = 1024 * 1024
 
 HEADER = (
@@ -72,8 +74,9 @@ def conditions(rows: list[dict[str, Any]]) -> str:
         return "No variant could be measured."
     first = done[0]
     decode = first["decode"]
+    text = LABELS[first.get("text", WIKITEXT)]
     return (
-        f"WikiText-2 test: first {first['tokens']} tokens in {first['windows']} non-overlapping "
+        f"{text}: first {first['tokens']} tokens in {first['windows']} non-overlapping "
         f"windows of {first['window']} ({first['predictions']} predictions). Decode: greedy, "
         f"batch 1, {decode['prompt_tokens']}-token prompt, {decode['new_tokens']} new tokens, "
         f"best of {decode['repeats']}, {decode['threads']} torch "

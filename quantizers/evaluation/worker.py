@@ -45,8 +45,8 @@ from quantizers.evaluation.memory import (
 from quantizers.evaluation.perplexity import split_windows, window_logits
 from quantizers.evaluation.size import linear_weight_counts, size_report
 from quantizers.evaluation.speed import decode_speeds, greedy_decode
+from quantizers.evaluation.texts import WIKITEXT, evaluation_tokens
 from quantizers.evaluation.variants import BF16, FLOAT32
-from quantizers.evaluation.wikitext import wikitext_tokens
 from quantizers.loading import load_model
 
 
@@ -64,6 +64,7 @@ class WorkerSpec:
     decode_prompt_tokens: int = 32
     decode_repeats: int = 3
     threads: int | None = None
+    text: str = WIKITEXT
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -125,7 +126,7 @@ def measure(spec: WorkerSpec) -> dict[str, Any]:
     lm = _load_resident(spec.snapshot)
     linear_counts = linear_weight_counts(lm.model)
     params = lm.param_count
-    ids = wikitext_tokens(lm.tokenizer, spec.limit_tokens)
+    ids = evaluation_tokens(lm.tokenizer, spec.text, spec.limit_tokens)
     first_window = split_windows(ids, spec.window)[0]
     prompt = ids[: spec.decode_prompt_tokens].unsqueeze(0)
     clock = _log("load", clock)
@@ -160,6 +161,7 @@ def measure(spec: WorkerSpec) -> dict[str, Any]:
     return {
         "method": spec.method,
         "config": report["config"] if report else spec.config,
+        "text": spec.text,
         **quality.to_dict(),
         **size.to_dict(),
         "quant_seconds": quant_seconds,

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from quantizers.evaluation.cli import SECTION_TITLE, main
+from quantizers.evaluation.texts import VALIDATION, WIKITEXT, evaluation_tokens
 from tests.quantizers.conftest import tiny_llama_config
 from tests.quantizers.evaluation_helpers import tiny_tokenizer
 
@@ -70,3 +71,25 @@ def test_eval_rejects_bad_methods_before_loading(method, message, capsys) -> Non
 def test_eval_reports_a_missing_model_in_one_line(tmp_path, capsys) -> None:
     assert main(["--model", str(tmp_path / "absent"), "--method", "int8"]) == 2
     assert "model path does not exist" in capsys.readouterr().err
+
+
+def test_eval_scores_the_validation_text_when_asked(model_dir, tmp_path, capsys) -> None:
+    out_json = tmp_path / "eval.json"
+    code = main(["--model", str(model_dir), "--method", "int8", "--text", "validation",
+                 "--limit-tokens", "64", "--window", "32", "--decode-tokens", "2",
+                 "--threads", "1", "--output-json", str(out_json)])
+    assert code == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    tokens = evaluation_tokens(tiny_tokenizer(), VALIDATION, 64)
+    wiki = evaluation_tokens(tiny_tokenizer(), WIKITEXT, 64)
+    assert not torch.equal(tokens, wiki)
+    assert all(r["text"] == VALIDATION and r["tokens"] == 64 for r in rows)
+    out = capsys.readouterr().out
+    assert "validation text (carroll-alice): first 64 tokens" in out
+    assert "Targets of" not in out, "targets are judged on WikiText-2 test only"
+
+
+def test_eval_never_validates_on_its_calibration_text(capsys) -> None:
+    assert main(["--model", "/nonexistent", "--method", "gptq", "--text", "validation",
+                 "--calibration-dataset", "alice"]) == 2
+    assert "cannot also be the calibration text" in capsys.readouterr().err
