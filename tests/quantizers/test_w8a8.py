@@ -103,6 +103,10 @@ def test_smoothquant_beats_static_w8a8_on_outlier_activations(
     assert len(alphas) == 6 and all(0.5 <= a <= 0.85 for a in alphas.values())
     assert {layer["activations"] for layer in report["layers"].values()} == {"static"}
     assert all(0 < layer["input_clip"] <= 1 for layer in static_report["layers"].values())
+    observed, observed_report = quantised_error("w8a8-static", {"clip_search": False},
+                                                calibration, tiny_tokens)
+    assert {layer["input_clip"] for layer in observed_report["layers"].values()} == {1.0}
+    assert static <= observed, "the searched ranges include the observed [min, max]"
     smooth_dynamic, report = quantised_error("smoothquant", {}, calibration, tiny_tokens)
     assert smooth_dynamic < 0.1 and smooth_dynamic < static
     assert {layer["activations"] for layer in report["layers"].values()} == {"dynamic"}
@@ -159,6 +163,7 @@ def test_calibrated_methods_require_calibration(tiny_llama: nn.Module, method: s
         ("smoothquant", {"calibration_tokens": 0}, "calibration_tokens"),
         ("w8a8-static", {"calibration_tokens": 1.5}, "calibration_tokens"),
         ("w8a8-static", {"calibration_tokens": True}, "calibration_tokens"),
+        ("w8a8-static", {"clip_search": "yes"}, "clip_search"),
     ],
 )
 def test_invalid_calibrated_configs_name_the_field(
