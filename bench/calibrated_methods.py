@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from quantizers.calibration import CalibrationConfig, calibration_batches
+from quantizers.evaluation.machine import describe_machine
 from quantizers.evaluation.perplexity import (
     log_prob_chunks,
     perplexity_from_nll,
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     parser.add_argument("--output-json", type=Path)
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(args.threads or None)}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from openai import OpenAI
 
+from quantizers.evaluation.machine import describe_machine
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin"
 
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(args.threads or None)}", flush=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as cache:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from quantizers.calibration import CalibrationConfig, calibration_batches
+from quantizers.evaluation.machine import describe_machine
 from quantizers.loading import load_model
 from quantizers.registry import quantize
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(args.threads or None)}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 

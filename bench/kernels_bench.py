@@ -13,7 +13,6 @@ kernel is faster), because absolute times on a shared CPU are noise.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantizers.evaluation.machine import describe_machine  # noqa: E402
 from quantizers.runtime import (  # noqa: E402 - after the repo root is importable
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -125,8 +125,7 @@ def markdown(rows: list[dict[str, object]], command: str) -> str:
         "`_weight_int8pack_mm`; every other column is a runtime module's forward, i.e.",
         "the path a served model takes (`int8 module` switches to a chunked",
         "cast + bf16 matmul from 32 rows, where the raw kernel loses to float).",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}.",
+        f"Machine: {describe_machine()}.",
         "",
         "Command:",
         "",

@@ -39,6 +39,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from quantizers.evaluation.machine import describe_machine
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_CLIENTS = 256
 MAX_DURATION_S = 600.0
@@ -280,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp, spawned_server(env, Path(tmp)) as (url, pid):
             summary = measure(url, pid, args)
         summary.update(max_queue=args.max_queue, max_batch=args.max_batch)
+    summary["machine"] = describe_machine(args.num_threads)
     text = json.dumps(summary, indent=1)
     print(text)
     if args.json:

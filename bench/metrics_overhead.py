@@ -21,6 +21,7 @@ import time
 from fastapi import FastAPI
 from prometheus_client import REGISTRY, generate_latest
 
+from quantizers.evaluation.machine import describe_machine
 from quantizers.loading import load_model
 from server.engine import Engine
 from server.engine.types import Finish, GenerationRequest, SamplingParams, Timings
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(None)}", flush=True)
 
     loaded = load_model(dtype="bfloat16")
     app = FastAPI()

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantizers.datasets import data_file  # noqa: E402
+from quantizers.evaluation.machine import describe_machine  # noqa: E402
 from quantizers.loading import LoadedModel, load_model  # noqa: E402
 from server.engine import Engine, Finish, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -542,6 +543,7 @@ def main() -> None:
                         help="extra arguments of `quantserve serve`")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(args.threads or None)}", flush=True)
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, Any] = {"threads": args.threads, "argv": sys.argv[1:]}
     if args.part in ("decode", "all"):

@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from quantizers.evaluation.machine import describe_machine
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin-token"
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -80,6 +82,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["int8", "int4"], choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
+    print(f"Machine: {describe_machine(None)}", flush=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="quantserve-bench-") as tmp:
         root = Path(tmp)

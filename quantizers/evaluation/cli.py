@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from quantizers import list_methods
+from quantizers.evaluation.machine import describe_machine
 from quantizers.evaluation.markdown import replace_section
 from quantizers.evaluation.plot import write_plot
 from quantizers.evaluation.snapshot import write_snapshot
@@ -99,7 +99,7 @@ def _document(rows: list[dict[str, Any]], args: argparse.Namespace, command: str
               model_name: str) -> str:
     lines = [
         f"Model: {model_name}. Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC "
-        f"on {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}.",
+        f"on {describe_machine(args.threads)}.",
         "",
         f"Command: `{command}`",
         "",
