@@ -1,4 +1,4 @@
-"""The `quantserve` command.
+"""The `quantserve` command (`serve`, `eval`, `export`).
 
 `serve` starts the HTTP server. Every flag has a `QUANTSERVE_*` environment
 variable twin; a flag given on the command line wins over the environment.
@@ -119,6 +119,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.set_defaults(handler=handler)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from server import export_cli
+
+    p = sub.add_parser(
+        "export",
+        help="write a quantised variant as GGUF (llama.cpp, Ollama) or compressed-tensors (vLLM)",
+        description="Export a quantised variant, taken from the artifact cache (built and "
+        "cached first when missing), as a GGUF file or a compressed-tensors directory.",
+    )
+    export_cli.add_arguments(p)
+    p.set_defaults(handler=export_cli.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantserve",
@@ -127,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_eval(sub)
+    _add_export(sub)
     return parser
 
 

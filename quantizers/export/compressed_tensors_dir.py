@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from quantizers.export.weights import (
-    ExportTensor,
     Int4Weight,
     Int8Weight,
     dequantize,

@@ -45,7 +45,7 @@ class Int4Weight:
     group_size: int
 
     def dequantize(self) -> Tensor:
-        n, k = self.q.shape
+        k = self.q.shape[1]
         scale = self.scale.repeat_interleave(self.group_size, dim=1)[:, :k]
         offset = self.offset.repeat_interleave(self.group_size, dim=1)[:, :k]
         return (self.q.float() - INT4_MID) * scale + offset
@@ -135,7 +135,7 @@ def model_weights(model: nn.Module) -> Iterator[tuple[str, ExportTensor]]:
     for name, module in model.named_modules():
         if module is tied or not name:
             continue
-        if isinstance(module, RuntimeModule) or isinstance(module, nn.Linear | nn.Embedding):
+        if isinstance(module, RuntimeModule | nn.Linear | nn.Embedding):
             seen.update(f"{name}.{key}" for key, _ in module.named_parameters())
             seen.update(f"{name}.{key}" for key, _ in module.named_buffers())
             yield f"{name}.weight", module_weight(module)
