@@ -194,9 +194,13 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     model_id: str | None = None,
+    quantized_gguf: bool = False,
 ) -> LoadedModel:
     """Load a local GGUF file or Hugging Face directory (default: the embedded model).
 
+    A compressed-tensors directory, and a GGUF file when `quantized_gguf` is set,
+    are served on our low-bit kernels from their stored codes (quantizers.export
+    .importing); `dtype` then only applies to their float tensors' compute.
     Raises ModelLoadError with a single line naming the path on any failure.
     """
     from transformers import AutoModelForCausalLM
@@ -206,11 +210,17 @@ def load_model(
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype)
     location, kwargs = _location(path)
+    imported = _quantized_import(path, quantized_gguf)
     try:
         tokenizer = load_tokenizer(path)
-        lm = AutoModelForCausalLM.from_pretrained(
-            location, local_files_only=True, dtype=torch_dtype, **kwargs
-        )
+        if imported is not None:
+            lm, quantization = imported(), {"method": "imported", "format": _format_of(path)}
+            torch_dtype = torch.bfloat16
+        else:
+            quantization = None
+            lm = AutoModelForCausalLM.from_pretrained(
+                location, local_files_only=True, dtype=torch_dtype, **kwargs
+            )
     except Exception as exc:  # transformers raises many types; the user needs one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {path}: {reason}") from exc
@@ -222,4 +232,24 @@ def load_model(
         tokenizer=tokenizer,
         source=path,
         dtype=torch_dtype,
+        quantization=quantization,
     )
+
+
+def _format_of(path: Path) -> str:
+    return "gguf" if path.is_file() else "compressed-tensors"
+
+
+def _quantized_import(path: Path, quantized_gguf: bool) -> Any:
+    """The importer that keeps `path`'s quantised codes, or None to load it in float."""
+    from quantizers.export.importing import (
+        is_compressed_tensors_dir,
+        load_compressed_tensors,
+        load_gguf_quantized,
+    )
+
+    if path.is_file() and quantized_gguf:
+        return lambda: load_gguf_quantized(path)
+    if is_compressed_tensors_dir(path):
+        return lambda: load_compressed_tensors(path)
+    return None

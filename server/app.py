@@ -41,7 +41,8 @@ def resolve_device(name: str) -> str:
 def load_served_model(settings: Settings) -> LoadedModel:
     """The model the server starts with, in the serving dtype and device."""
     return load_model(settings.model, dtype=settings.dtype,
-                      device=resolve_device(settings.device), model_id=settings.model_id)
+                      device=resolve_device(settings.device), model_id=settings.model_id,
+                      quantized_gguf=settings.gguf_weights == "quantized")
 
 
 def _start_engine(app: FastAPI, settings: Settings) -> None:

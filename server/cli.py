@@ -30,6 +30,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "embedded SmolLM2-135M-Instruct [QUANTSERVE_MODEL]"}),
         ("--model-id", {"help": "id clients send as `model` (default: derived from the "
                                 "file name) [QUANTSERVE_MODEL_ID]"}),
+        ("--gguf-weights", {"choices": ("float", "quantized"),
+                            "help": "serve a GGUF model dequantised (float, default) or on "
+                                    "our int4/int8 kernels from its Q4_0/Q4_1/Q8_0 codes "
+                                    "(quantized) [QUANTSERVE_GGUF_WEIGHTS]"}),
         ("--host", {"help": "address to bind (default 127.0.0.1) [QUANTSERVE_HOST]"}),
         ("--port", {"type": int, "help": "port (default 8000) [QUANTSERVE_PORT]"}),
         ("--quantize", {"help": "quantisation method applied at start-up, e.g. int8, int4 "

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         description="Local GGUF file or Hugging Face directory; empty = the embedded SmolLM2.",
     )
     model_id: str | None = Field(default=None, description="Id served in `model` fields.")
+    gguf_weights: Literal["float", "quantized"] = Field(
+        default="float",
+        description="How a GGUF `model` is served: `float` dequantises it (the base that "
+        "methods quantise from); `quantized` keeps its Q4_0/Q4_1/Q8_0 codes on our int4/int8 "
+        "kernels. A compressed-tensors directory is always served quantised.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     dtype: str = Field(

@@ -197,8 +197,8 @@ def copy_gguf_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
 
 
 def hf_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer.json as llama.cpp's `gpt2` vocabulary; merges,
-    special token ids and the chat template come via gguf's SpecialVocab."""
+    """A byte-level BPE tokenizer.json as llama.cpp's `gpt2` vocabulary; special
+    token ids and the chat template come via gguf's SpecialVocab."""
     data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
     if data.get("model", {}).get("type") != "BPE":
         raise ExportError("GGUF export carries byte-level BPE tokenizers only")
@@ -214,7 +214,14 @@ def hf_tokenizer(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> N
     writer.add_tokenizer_pre("default")
     writer.add_token_list([text for text, _ in entries])
     writer.add_token_types([kind for _, kind in entries])
-    gguf.SpecialVocab(directory, load_merges=True, n_vocab=size).add_to_gguf(writer)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    if merges:
+        writer.add_token_merges(merges)
+    else:
+        # GGUF cannot store an empty array, and readers (transformers) rebuild a
+        # missing merge list from token scores: equal scores rebuild none.
+        writer.add_token_scores([0.0] * size)
+    gguf.SpecialVocab(directory, n_vocab=size).add_to_gguf(writer)
 
 
 def write_gguf(

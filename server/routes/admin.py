@@ -8,13 +8,16 @@ thread pool and `/v1` traffic on the event loop never waits for them.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
 
 from quantizers import MethodUnavailableError, QuantizationError
 from quantizers.loading import LoadedModel
 from server.auth import require_admin
 from server.errors import APIError, ErrorResponse
+from server.exporting import ExportFailed, export_download
 from server.quantization_jobs import JobAlreadyFinished, JobManager, NotServing
 from server.schemas.admin import (
     ActivateRequest,
@@ -173,3 +176,27 @@ def activate(body: ActivateRequest, request: Request) -> ServedVariant:
         return _served(jobs.activate_artifact(artifact))
     except NotServing as exc:
         raise _not_serving(exc) from exc
+
+
+@router.get(
+    "/artifacts/{key}/export",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}},
+                     "description": "The GGUF file, or the compressed-tensors directory "
+                                    "as an uncompressed tar"}},
+    summary="Download a cached artifact as GGUF (llama.cpp, Ollama) or compressed-tensors "
+            "(vLLM)",
+)
+def export_artifact(
+    key: str,
+    request: Request,
+    format: Literal["gguf", "compressed-tensors"] = Query(
+        description="`gguf` or `compressed-tensors`"),
+) -> FileResponse:
+    artifact = _jobs(request).store.get(key)
+    if artifact is None:
+        raise APIError(404, f"no artifact {key!r}", param="key", code="artifact_not_found")
+    try:
+        return export_download(artifact, format)
+    except ExportFailed as exc:
+        raise APIError(422, str(exc), param="format", code="export_unsupported") from exc
