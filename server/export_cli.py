@@ -59,7 +59,8 @@ def _variant(args: argparse.Namespace, store: ArtifactStore, settings: Any) -> A
     _say(f"building artifact {spec.key} ({args.method})")
 
     def progress(done: int, total: int) -> None:
-        _say(f"  quantize {done}/{total}")
+        if done == total or done % max(1, total // 10) == 0:
+            _say(f"  quantize {done}/{total}")
 
     hooks = BuildHooks(on_phase=lambda phase: _say(f"  {phase}"), on_progress=progress)
     return build_variant(spec, base, store, hooks)[1]
