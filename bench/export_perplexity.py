@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import tempfile
@@ -32,6 +30,7 @@ from typing import Any
 
 from quantizers.artifacts import ArtifactStore
 from quantizers.calibration import CalibrationConfig
+from quantizers.evaluation.machine import describe_machine
 from quantizers.evaluation.wikitext import wikitext_path
 from quantizers.export import export_artifact
 from quantizers.loading import embedded_model_path
@@ -39,20 +38,6 @@ from server.settings import Settings
 from server.variant_pipeline import BaseModelRef, BuildHooks, build_variant, resolve_spec
 
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-
-
-def cpu_description() -> str:
-    """CPU model and the SIMD flags that matter to llama.cpp's kernels."""
-    model, flags = platform.processor() or "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return f"{model}; flags {' '.join(f for f in wanted if f in flags)}; {os.cpu_count()} cpus"
 
 
 def perplexity(binary: Path, model: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +77,7 @@ def main() -> None:
     parser.add_argument("--output-json", type=Path, default=None)
     args = parser.parse_args()
 
-    print(f"CPU: {cpu_description()}; llama.cpp threads {args.threads}", flush=True)
+    print(f"machine: {describe_machine()}; llama.cpp threads {args.threads}", flush=True)
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     store = ArtifactStore(settings.cache_dir, settings.cache_max_bytes)
     base = BaseModelRef.resolve(None, None, "cpu")
