@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from quantizers.loading import ModelLoadError
     from server.cli import settings_from_args
 
+    if args.output.exists():  # before any model is loaded or variant built
+        print(f"quantserve: {args.output} already exists", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args, ["model", "model_id", "cache_dir"])
         store = ArtifactStore(settings.cache_dir, settings.cache_max_bytes)
