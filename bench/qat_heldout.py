@@ -1,0 +1,103 @@
+"""QAT settings on SmolLM2-135M, judged on held-out calibration text (never WikiText).
+
+Each `--config` is one `qat` config; it trains on the tinyshakespeare
+calibration text (the eval's and the server's default: 64 x 256 tokens) and is
+scored on Alice in Wonderland, a text it never saw: perplexity and KL from the
+float model over `--heldout-tokens` tokens in windows of 256. Each config runs
+in turn in this one process on a fresh float copy; the float model and RTN
+(the qat start with no training) are scored in the same run, so the figures
+are ratios against a baseline measured next to them. Prints the CPU, its
+flags of interest and the thread count, then per config wall and CPU seconds,
+the RSS peak above the loaded float model, and the loss curve's ends.
+
+    python bench/qat_heldout.py --threads 1 --config '{}' --config '{"schedule": "block"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantizers.calibration import CalibrationConfig, calibration_batches
+from quantizers.evaluation.divergence import compare
+from quantizers.evaluation.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from quantizers.loading import load_model
+from quantizers.registry import quantize
+
+_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+MIB = 1024 * 1024
+
+
+def cpu_description() -> str:
+    """CPU model, the flags that decide the kernels' speed, and the core count."""
+    model, flags = platform.processor(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    present = [flag for flag in _FLAGS if flag in flags]
+    return f"{model}; flags {' '.join(present) or 'none of ' + ','.join(_FLAGS)}; " \
+           f"{os.cpu_count()} cores"
+
+
+def _show(done: int, total: int, detail: dict | None = None) -> None:
+    if detail is not None and detail["step"] % 32 == 0:
+        print(f"  {detail}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], metavar="JSON")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heldout-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{cpu_description()}; torch threads {torch.get_num_threads()}; "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    loaded = load_model(dtype="float32")
+    batches = calibration_batches(loaded.tokenizer, CalibrationConfig())
+    alice = CalibrationConfig(dataset="alice").path().read_text(encoding="utf-8")
+    heldout = torch.tensor(loaded.tokenizer(alice, add_special_tokens=False)["input_ids"])
+    heldout = heldout[: args.heldout_tokens]
+    base = loaded.model
+    configs = [{"schedule": "block", "block_steps": 0}, *map(json.loads, args.config)]
+    for config in configs:
+        model = copy.deepcopy(base)
+        float_rss = current_rss_bytes() or 0
+        reset_peak_rss()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        report = quantize(model, "qat", config, calibration=batches, progress=_show)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        peak = (peak_rss_bytes() or 0) - float_rss
+        result = compare(base, model, heldout, args.window)
+        qat = report.extra["qat"]
+        blocks = [c for c in qat["block_losses"] if c]
+        print(json.dumps({
+            "config": config, "heldout_ppl": round(result.perplexity, 3),
+            "float_ppl": round(result.base_perplexity, 3), "kl": round(result.kl, 4),
+            "top1": round(result.top1, 3), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_over_float_mib": round(peak / MIB), "load": round(os.getloadavg()[0], 1),
+            "block0_loss": [blocks[0][0], blocks[0][-1]] if blocks else None,
+            "last_block_loss": [blocks[-1][0], blocks[-1][-1]] if blocks else None,
+            "e2e_loss": [qat["e2e_losses"][0], qat["e2e_losses"][-1]]
+            if qat["e2e_losses"] else None,
+        }), flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
