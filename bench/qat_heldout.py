@@ -60,6 +60,9 @@ def _show(done: int, total: int, detail: dict | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], metavar="JSON")
+    parser.add_argument("--base", default="{}", metavar="JSON",
+                        help="settings merged into every config, the RTN row's too "
+                        "(e.g. a skip list that trains only the first blocks)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=256)
@@ -74,7 +77,9 @@ def main() -> None:
     heldout = torch.tensor(loaded.tokenizer(alice, add_special_tokens=False)["input_ids"])
     heldout = heldout[: args.heldout_tokens]
     base = loaded.model
-    configs = [{"schedule": "block", "block_steps": 0}, *map(json.loads, args.config)]
+    shared = json.loads(args.base)
+    configs = [{**shared, **json.loads(c)}
+               for c in ['{"schedule": "block", "block_steps": 0}', *args.config]]
     for config in configs:
         model = copy.deepcopy(base)
         float_rss = current_rss_bytes() or 0

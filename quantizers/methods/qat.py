@@ -190,7 +190,9 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: QuantContext) -> None:
     micro_batches = list(sequences.split(config.batch))
     trained_blocks = _trained_blocks(model, layers.trained)
     progress = Progress(
-        total=settings.block_steps * trained_blocks + settings.e2e_steps,
+        steps={"block": settings.block_steps * trained_blocks, "end_to_end": settings.e2e_steps},
+        # Two forwards and a backward through every block, plus the head.
+        e2e_cost=1.5 * len(decoder_blocks(model)[1]) + 2,
         report=lambda done, total, detail: ctx.report_progress(
             done * len(ctx.targets) // max(total, 1), len(ctx.targets), detail),
         cancel=ctx.check_cancel,

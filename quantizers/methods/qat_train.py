@@ -58,22 +58,39 @@ class Progress:
 
     `report(step, total, detail)` gets the steps done and planned and a dict
     with the phase, the step's loss and the estimated seconds left; `cancel`
-    raises when the job is cancelled.
+    raises when the job is cancelled. An end-to-end step runs the whole model
+    forward twice and backward once, so until one has been timed it is
+    estimated at `e2e_cost` block steps.
     """
 
-    total: int
+    steps: dict[str, int]
+    e2e_cost: float
     report: Callable[[int, int, dict[str, Any]], None]
     cancel: Callable[[], None]
-    done: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    done: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    last: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps.values())
+
+    def _seconds_left(self) -> float:
+        rates = {phase: self.seconds[phase] / self.done[phase] for phase in self.done}
+        if "end_to_end" not in rates and "block" in rates:
+            rates["end_to_end"] = rates["block"] * self.e2e_cost
+        return sum((self.steps[phase] - self.done.get(phase, 0)) * rates.get(phase, 0.0)
+                   for phase in self.steps)
 
     def step(self, phase: str, loss: float) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.started
-        left = elapsed / self.done * (self.total - self.done)
-        detail = {"phase": phase, "step": self.done, "steps": self.total,
-                  "loss": loss, "eta_s": round(left, 1)}
-        self.report(self.done, self.total, detail)
+        now = time.perf_counter()
+        self.done[phase] = self.done.get(phase, 0) + 1
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+        done = sum(self.done.values())
+        detail = {"phase": phase, "step": done, "steps": self.total, "loss": loss,
+                  "eta_s": round(self._seconds_left(), 1)}
+        self.report(done, self.total, detail)
         self.cancel()
 
 
