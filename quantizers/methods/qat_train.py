@@ -247,17 +247,22 @@ def train_end_to_end(
     curve: list[float] = []
     optimiser = torch.optim.Adam(params, lr=settings.e2e_lr)
     for step in range(settings.e2e_steps):
-        ids = micro_batches[step % len(micro_batches)]
-        with teacher(list(fakes.values())), compute_in_bf16():
-            reference = model(input_ids=ids, use_cache=False).logits
-        with only_trained(model, params):
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = distillation_kl(reference, logits)
-            del reference, logits
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+        batch = micro_batches[step % len(micro_batches)]
+        optimiser.zero_grad(set_to_none=True)
+        total = 0.0
+        # One sequence at a time, gradients accumulated: the logits (a
+        # vocabulary's floats per token, several copies for the KL) exist for
+        # one sequence, not the whole micro-batch.
+        for ids in batch.split(1):
+            with teacher(list(fakes.values())), compute_in_bf16():
+                reference = model(input_ids=ids, use_cache=False).logits
+            with only_trained(model, params):
+                loss = distillation_kl(reference, model(input_ids=ids, use_cache=False).logits)
+                del reference
+                (loss / batch.shape[0]).backward()
+            total += loss.item() / batch.shape[0]
         optimiser.step()
-        curve.append(_rounded(loss.item()))
+        curve.append(_rounded(total))
         progress.step("end_to_end", curve[-1])
     del optimiser
     layers.restore(model, fakes)
