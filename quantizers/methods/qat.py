@@ -80,10 +80,10 @@ class QATConfig(MethodConfig):
     train: str = "both"
     schedule: str = "block_then_end_to_end"
     block_steps: int = 64
-    e2e_steps: int = 64
-    lr: float = 1e-4
-    scale_lr: float = 1e-3
-    e2e_lr: float = 1e-4
+    e2e_steps: int = 32
+    lr: float = 5e-5
+    scale_lr: float = 1e-4
+    e2e_lr: float = 2e-5
     samples: int = 64
     seq_len: int = 256
     batch: int = 4
