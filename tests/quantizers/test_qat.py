@@ -21,9 +21,11 @@ from quantizers.serialization import build_from_state, quantized_state
 
 from .conftest import tiny_llama_config
 
-# Short training on 8 sequences of 32 tokens: seconds on one core.
+# Short training on 8 sequences of 32 tokens: seconds on one core. Learning
+# rates above the defaults (chosen for SmolLM2's hundreds of steps) so a dozen
+# steps move a tiny model measurably.
 SMALL = {"group_size": 32, "samples": 8, "seq_len": 32, "batch": 4, "block_steps": 12,
-         "e2e_steps": 8}
+         "e2e_steps": 8, "lr": 5e-4, "scale_lr": 1e-3, "e2e_lr": 1e-3}
 RTN = {**SMALL, "schedule": "block", "block_steps": 0}
 
 
