@@ -6,8 +6,8 @@ scored on Alice in Wonderland, a text it never saw: perplexity and KL from the
 float model over `--heldout-tokens` tokens in windows of 256. Each config runs
 in turn in this one process on a fresh float copy; the float model and RTN
 (the qat start with no training) are scored in the same run, so the figures
-are ratios against a baseline measured next to them. Prints the CPU, its
-flags of interest and the thread count, then per config wall and CPU seconds,
+are ratios against a baseline measured next to them. Prints the machine (CPU
+model, kernel flags, cores, torch threads), then per config wall and CPU seconds,
 the RSS peak above the loaded float model, and the loss curve's ends.
 
     python bench/qat_heldout.py --threads 1 --config '{}' --config '{"schedule": "block"}'
@@ -19,37 +19,19 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from quantizers.calibration import CalibrationConfig, calibration_batches
 from quantizers.evaluation.divergence import compare
+from quantizers.evaluation.machine import describe_machine
 from quantizers.evaluation.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from quantizers.loading import load_model
 from quantizers.registry import quantize
 
-_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 MIB = 1024 * 1024
-
-
-def cpu_description() -> str:
-    """CPU model, the flags that decide the kernels' speed, and the core count."""
-    model, flags = platform.processor(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    present = [flag for flag in _FLAGS if flag in flags]
-    return f"{model}; flags {' '.join(present) or 'none of ' + ','.join(_FLAGS)}; " \
-           f"{os.cpu_count()} cores"
 
 
 def _show(done: int, total: int, detail: dict | None = None) -> None:
@@ -68,8 +50,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{cpu_description()}; torch threads {torch.get_num_threads()}; "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"Machine: {describe_machine(args.threads)}; load {os.getloadavg()[0]:.1f}",
+          flush=True)
 
     loaded = load_model(dtype="float32")
     batches = calibration_batches(loaded.tokenizer, CalibrationConfig())

@@ -167,7 +167,7 @@ def _apply_start(
     return start_ctx
 
 
-@register_method("qat", QATConfig)
+@register_method("qat", QATConfig, calibrated=True)
 def apply_qat(model: nn.Module, config: QATConfig, ctx: QuantContext) -> None:
     # References to the float weights, not copies: the start swaps modules and
     # leaves the float tensors alone, and the teacher passes compute with them.
