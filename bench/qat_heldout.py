@@ -28,6 +28,7 @@ from quantizers.calibration import CalibrationConfig, calibration_batches
 from quantizers.evaluation.divergence import compare
 from quantizers.evaluation.machine import describe_machine
 from quantizers.evaluation.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from quantizers.evaluation.wikitext import wikitext_tokens
 from quantizers.loading import load_model
 from quantizers.registry import quantize
 
@@ -48,6 +49,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--wikitext-tokens", type=int, default=0, metavar="N",
+                        help="also report WikiText-2 test perplexity over its first N tokens "
+                        "in windows of 512, as `quantserve eval` does (a reported figure, "
+                        "never a tuning signal)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Machine: {describe_machine(args.threads)}; load {os.getloadavg()[0]:.1f}",
@@ -58,6 +63,8 @@ def main() -> None:
     alice = CalibrationConfig(dataset="alice").path().read_text(encoding="utf-8")
     heldout = torch.tensor(loaded.tokenizer(alice, add_special_tokens=False)["input_ids"])
     heldout = heldout[: args.heldout_tokens]
+    wikitext = (wikitext_tokens(loaded.tokenizer, args.wikitext_tokens)
+                if args.wikitext_tokens else None)
     base = loaded.model
     shared = json.loads(args.base)
     configs = [{**shared, **json.loads(c)}
@@ -71,12 +78,17 @@ def main() -> None:
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         peak = (peak_rss_bytes() or 0) - float_rss
         result = compare(base, model, heldout, args.window)
+        wiki = compare(base, model, wikitext, 512) if wikitext is not None else None
         qat = report.extra["qat"]
         blocks = [c for c in qat["block_losses"] if c]
         print(json.dumps({
             "config": config, "heldout_ppl": round(result.perplexity, 3),
             "float_ppl": round(result.base_perplexity, 3), "kl": round(result.kl, 4),
-            "top1": round(result.top1, 3), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "top1": round(result.top1, 3),
+            "wikitext_ppl": None if wiki is None else round(wiki.perplexity, 3),
+            "wikitext_float_ppl": None if wiki is None else round(wiki.base_perplexity, 3),
+            "wikitext_kl": None if wiki is None else round(wiki.kl, 4),
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "peak_over_float_mib": round(peak / MIB), "load": round(os.getloadavg()[0], 1),
             "block0_loss": [blocks[0][0], blocks[0][-1]] if blocks else None,
             "last_block_loss": [blocks[-1][0], blocks[-1][-1]] if blocks else None,
