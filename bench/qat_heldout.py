@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--output-json", type=Path, default=None, metavar="PATH",
+                        help="write every row with its quantisation report (loss curves "
+                        "included), in the shape bench/qat_loss_plot.py reads")
     parser.add_argument("--wikitext-tokens", type=int, default=0, metavar="N",
                         help="also report WikiText-2 test perplexity over its first N tokens "
                         "in windows of 512, as `quantserve eval` does (a reported figure, "
@@ -69,6 +73,7 @@ def main() -> None:
     shared = json.loads(args.base)
     configs = [{**shared, **json.loads(c)}
                for c in ['{"schedule": "block", "block_steps": 0}', *args.config]]
+    rows = []
     for config in configs:
         model = copy.deepcopy(base)
         float_rss = current_rss_bytes() or 0
@@ -81,7 +86,7 @@ def main() -> None:
         wiki = compare(base, model, wikitext, 512) if wikitext is not None else None
         qat = report.extra["qat"]
         blocks = [c for c in qat["block_losses"] if c]
-        print(json.dumps({
+        row = {
             "config": config, "heldout_ppl": round(result.perplexity, 3),
             "float_ppl": round(result.base_perplexity, 3), "kl": round(result.kl, 4),
             "top1": round(result.top1, 3),
@@ -94,8 +99,14 @@ def main() -> None:
             "last_block_loss": [blocks[-1][0], blocks[-1][-1]] if blocks else None,
             "e2e_loss": [qat["e2e_losses"][0], qat["e2e_losses"][-1]]
             if qat["e2e_losses"] else None,
-        }), flush=True)
+        }
+        print(json.dumps(row), flush=True)
+        summary = {key: value for key, value in report.to_dict().items() if key != "layers"}
+        rows.append({**row, "label": f"qat {json.dumps(config)}", "method": "qat",
+                     "quant_report": summary})
         del model
+    if args.output_json is not None:
+        args.output_json.write_text(json.dumps({"rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

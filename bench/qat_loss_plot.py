@@ -1,6 +1,7 @@
 """Plot the loss curves of the `qat` rows of a `quantserve eval --output-json` file.
 
-Left: the block-wise phase, each block's MSE divided by its first step's (so
+Also reads `bench/qat_heldout.py --output-json` files (the same shape).
+Left: the block-wise phase, each block's loss divided by its first step's (so
 blocks of different scale share an axis), every block faint and their mean in
 bold. Right: the end-to-end phase's KL from the float model per step.
 
@@ -42,7 +43,8 @@ def main() -> None:
             blocks_ax.plot(mean, color=color, linewidth=2, label=row["label"])
         if qat["e2e_losses"]:
             e2e_ax.plot(qat["e2e_losses"], color=color, label=row["label"])
-    blocks_ax.set_title("block-wise: MSE / first step's MSE (each block; mean bold)", fontsize=9)
+    blocks_ax.set_title("block-wise: relative squared error / first step's (each block; "
+                        "mean bold)", fontsize=9)
     blocks_ax.set_xlabel("step within the block")
     blocks_ax.set_ylim(bottom=0)
     e2e_ax.set_title("end-to-end: KL(float || quantised) per token", fontsize=9)
