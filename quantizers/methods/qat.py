@@ -135,7 +135,6 @@ class QATConfig(MethodConfig):
             lr=self.lr,
             scale_lr=self.scale_lr,
             e2e_lr=self.e2e_lr,
-            batch=self.batch,
         )
 
 

@@ -49,7 +49,6 @@ class TrainSettings:
     lr: float
     scale_lr: float
     e2e_lr: float
-    batch: int
 
 
 @dataclass
