@@ -205,7 +205,7 @@ class QuantContext:
         model: nn.Module,
         config: MethodConfig,
         calibration: Sequence[Tensor] | None,
-        progress: Callable[[int, int], None] | None,
+        progress: Callable[..., None] | None,
         should_cancel: Callable[[], bool] | None,
     ) -> None:
         self.model = model
@@ -287,12 +287,22 @@ class QuantContext:
         if self._progress is not None:
             self._progress(self.done, len(self.targets))
 
-    def report_progress(self, done: int, total: int) -> None:
+    def report_progress(
+        self, done: int, total: int, detail: Mapping[str, Any] | None = None
+    ) -> None:
         """Report `done` of `total` steps of a stage that runs before the swaps
         (GPTQ's solves, sensitivity measurement, refinement rounds), so a job
-        shows movement while the slow part works, not only at the end."""
-        if self._progress is not None:
+        shows movement while the slow part works, not only at the end.
+
+        `detail` (e.g. a training step, its loss and the time left) is passed
+        on as a third argument when given, so callbacks that take two still work.
+        """
+        if self._progress is None:
+            return
+        if detail is None:
             self._progress(done, total)
+        else:
+            self._progress(done, total, dict(detail))
 
     def layer_errors(self, name: str) -> _LayerErrors:
         """Context manager turning any failure into LayerQuantizationError(name)."""
@@ -424,7 +434,7 @@ def quantize(
     config: Mapping[str, Any] | MethodConfig | None = None,
     *,
     calibration: Sequence[Tensor] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[..., None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> QuantReport:
     """Quantise `model` in place with `method` and return the report.

@@ -75,6 +75,7 @@ class Job:
     phase: str = "queued"
     layers_done: int = 0
     layers_total: int = 0
+    detail: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -91,13 +92,16 @@ class Job:
             return 100.0
         return round(100.0 * self.layers_done / self.layers_total, 1) if self.layers_total else 0.0
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, detail: dict[str, Any] | None = None) -> None:
         """Record `done` of `total` layers; never move backwards within a job.
 
         A method may report its slow stage (sensitivity measurement, GPTQ's
         solves) layer by layer and then count the final swaps from 1 again;
-        a client polling the job should see it only go forward.
+        a client polling the job should see it only go forward. `detail` is the
+        method's own account of where it is (qat: step, loss, seconds left).
         """
+        if detail is not None:
+            self.detail = detail
         if total == self.layers_total and done < self.layers_done:
             return
         self.layers_done, self.layers_total = done, total

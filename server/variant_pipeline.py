@@ -104,7 +104,7 @@ class BuildHooks:
     """How a running build reports back; all optional so start-up can ignore them."""
 
     on_phase: Callable[[str], None] = lambda phase: None
-    on_progress: Callable[[int, int], None] = lambda done, total: None
+    on_progress: Callable[..., None] = lambda done, total, detail=None: None
     should_cancel: Callable[[], bool] = lambda: False
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -1,7 +1,8 @@
 """The project's quality, size and speed targets, checked against one run.
 
 Targets from the quantizers issue (int8, int4 g128, SmoothQuant) and the
-smarter-quantisation issue (GPTQ, feedback, mixed precision) are judged on the
+smarter-quantisation issue (GPTQ, feedback, mixed precision) and the
+quantisation-aware training issue (qat) are judged on the
 rows of the same run, so the benchmark document states pass or fail next to
 the figures instead of leaving the reader to compute ratios. A target whose
 rows were not measured says so rather than passing.
@@ -126,8 +127,44 @@ def _mixed(rows: list[Row], base: Row) -> list[Verdict]:
     return verdicts
 
 
+# The quantisation-aware training issue's budget for one qat job, quantisation included.
+QAT_SECONDS = 20 * 60
+
+
+def _qat(rows: list[Row], base: Row) -> list[Verdict]:
+    """qat int4 g128 against RTN's gap to float, and below GPTQ and feedback
+    at the same bytes (the rows of the same group size)."""
+    qat = _find(rows, "qat", bits=4, group_size=128)
+    rtn = _find(rows, "int4", group_size=128)
+    gap_name = "qat int4 g128 closes >= 80% of RTN int4 g128's perplexity gap"
+    if qat is None or rtn is None:
+        return [Verdict(gap_name, "", None)]
+    gap = rtn["perplexity"] - base["perplexity"]
+    closed = (rtn["perplexity"] - qat["perplexity"]) / gap if gap > 0 else 0.0
+    verdicts = [Verdict(gap_name, f"{closed:.0%} closed ({qat['perplexity']:.3f})",
+                        closed >= 0.8)]
+    others = [_find(rows, "gptq", bits=4, group_size=128), _find(rows, "feedback")]
+    for name, other in zip(("gptq", "feedback"), others, strict=True):
+        target = f"qat int4 g128 perplexity below {name} at no more bytes"
+        if other is None:
+            verdicts.append(Verdict(target, "", None))
+            continue
+        verdicts.append(Verdict(
+            target, f"{qat['perplexity']:.3f} vs {other['perplexity']:.3f}",
+            qat["perplexity"] < other["perplexity"]
+            and qat["weight_bytes"] <= other["weight_bytes"],
+        ))
+    seconds = qat.get("quant_seconds")
+    verdicts.append(Verdict(
+        f"qat int4 g128 quantisation within {QAT_SECONDS // 60} minutes",
+        "" if seconds is None else f"{seconds:.0f} s",
+        None if seconds is None else seconds <= QAT_SECONDS,
+    ))
+    return verdicts
+
+
 CHECKS: list[Callable[[list[Row], Row], list[Verdict]]] = [
-    _int8, _int4, _smoothquant, _gptq, _feedback, _mixed,
+    _int8, _int4, _smoothquant, _gptq, _feedback, _mixed, _qat,
 ]
 
 

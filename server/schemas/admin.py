@@ -81,6 +81,9 @@ class JobProgress(BaseModel):
     layers_total: int
     percent: float
     phase: str
+    # The method's own progress where it has one (qat: phase, step, steps,
+    # loss, eta_s); null otherwise.
+    detail: dict[str, Any] | None = None
 
 
 class JobError(BaseModel):
@@ -113,7 +116,7 @@ class JobStatus(BaseModel):
             id=job.id, origin=job.origin, state=job.state.value, method=job.spec.method,
             config=job.spec.config, artifact_key=job.spec.key, cache_hit=job.cache_hit,
             progress=JobProgress(layers_done=job.layers_done, layers_total=job.layers_total,
-                                 percent=job.percent, phase=job.phase),
+                                 percent=job.percent, phase=job.phase, detail=job.detail),
             timings=dict(job.timings), created_at=job.created_at, started_at=job.started_at,
             finished_at=job.finished_at, error=JobError(**job.error) if job.error else None,
             quality=job.quality,

@@ -45,6 +45,21 @@ def test_targets_pass_and_fail_on_the_measured_ratios() -> None:
     assert verdicts["mixed b: mixed on or below the int4 g128 - int8 line"] is False
 
 
+def test_qat_targets_judge_the_gap_the_other_methods_and_the_time() -> None:
+    rows = [
+        _row("float32", "float32", 20.0, 1000),
+        _row("int4", "int4", 30.0, 170, group_size=128),
+        _row("gptq", "gptq", 25.0, 170, bits=4, group_size=128),
+        _row("feedback", "feedback", 21.5, 170),
+        {**_row("qat", "qat", 21.9, 170, bits=4, group_size=128), "quant_seconds": 1300.0},
+    ]
+    verdicts = _verdicts(rows)
+    assert verdicts["qat int4 g128 closes >= 80% of RTN int4 g128's perplexity gap"] is True
+    assert verdicts["qat int4 g128 perplexity below gptq at no more bytes"] is True
+    assert verdicts["qat int4 g128 perplexity below feedback at no more bytes"] is False
+    assert verdicts["qat int4 g128 quantisation within 20 minutes"] is False
+
+
 def test_unmeasured_targets_are_not_passed() -> None:
     verdicts = check_targets([_row("float32", "float32", 20.0, 1000),
                               _row("int4", "int4", 30.0, 100, group_size=64)])

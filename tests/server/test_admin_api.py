@@ -68,6 +68,9 @@ def test_every_admin_route_needs_the_token(
     ({"method": "int8", "calibration": {"samples": 0}}, "calibration.samples"),
     ({"method": "int8", "extra": True}, "extra"),
     ({"config": {}}, "method"),
+    ({"method": "qat", "config": {"start": "awq"}}, "config.start"),
+    ({"method": "qat", "config": {"block_steps": -1}}, "config.block_steps"),
+    ({"method": "qat", "config": {"start": "mixed"}}, "config.start_config"),
 ])
 def test_bad_method_or_config_is_422_naming_the_field(
     client: httpx.Client, body: dict | str, param: str
@@ -210,6 +213,25 @@ def test_cached_variant_answers_200_and_activation_round_trip(client: httpx.Clie
         "key": key, "deleted": True}
     assert key not in {item["key"] for item in
                        client.get("/admin/artifacts", headers=AUTH).json()["data"]}
+
+
+def test_qat_trains_through_the_api_and_serves_the_result(client: httpx.Client) -> None:
+    config = {"group_size": 32, "data": "generated", "samples": 4, "seq_len": 32, "batch": 2,
+              "block_steps": 3, "e2e_steps": 2}
+    accepted = client.post("/admin/quantize", json={"method": "qat", "config": config},
+                           headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+    job = wait_job(client, accepted.json()["status_url"])
+    assert job["state"] == "succeeded", job["error"]
+    detail = job["progress"]["detail"]
+    assert detail["phase"] == "end_to_end" and detail["step"] == detail["steps"] == 2 * 3 + 2
+    assert detail["loss"] >= 0 and detail["eta_s"] == 0
+    assert job["quality"]["weight_bytes"] < job["quality"]["base_weight_bytes"]
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["quantization"]["method"] == "qat" and card["quantization"]["seed"] == 0
+    completion = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello",
+                                                      "max_tokens": 4})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_cancel_a_job_through_the_api(client: httpx.Client) -> None:
