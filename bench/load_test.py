@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = measure(args.base_url.rstrip("/"), args.pid, args)
     else:
         env = {"QUANTSERVE_MAX_QUEUE": str(args.max_queue),
-               "QUANTSERVE_MAX_BATCH": str(args.max_batch), "QUANTSERVE_DTYPE": args.dtype}
+               "QUANTSERVE_MAX_NUM_SEQS": str(args.max_batch), "QUANTSERVE_DTYPE": args.dtype}
         if args.model:
             env["QUANTSERVE_MODEL"] = args.model
         if args.model_id:

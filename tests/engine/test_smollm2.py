@@ -12,6 +12,7 @@ import torch
 from quantizers.loading import LoadedModel
 from server.engine import Engine
 from server.engine.llama_runner import LlamaRunner
+from tests.engine.paged import scratch_cache
 from tests.engine.streams import request, run, run_all
 
 
@@ -28,11 +29,12 @@ def test_smollm2_prepared_bf16_decode_is_exact(loaded: LoadedModel) -> None:
     prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     logits = []
     for prepare in (False, True):
-        runner = LlamaRunner(model, max_batch=1, max_seq_len=128, prepare=prepare)
-        steps = [runner.prefill(0, prompt)]
+        runner = LlamaRunner(model, max_seq_len=128, prepare=prepare)
+        cache, tables = scratch_cache(runner, 1, len(prompt) + 8, block_size=16)
+        steps = [runner.prefill(cache, tables[0], prompt)]
         for position in range(len(prompt), len(prompt) + 8):
             token = steps[-1].argmax(-1)
-            steps.append(runner.decode(token, torch.tensor([position])))
+            steps.append(runner.decode(cache, token, [position], tables))
         logits.append(steps)
         if prepare:
             assert all(p.prepared is not None for p in [*runner.qkv, *runner.gate_up])
@@ -58,7 +60,7 @@ def test_smollm2_greedy_matches_generate_alone_and_batched(loaded: LoadedModel) 
             )[0, len(p):].tolist()
             for p in prompts
         ]
-    engine = Engine(loaded, max_batch=4, max_batch_tokens=512, num_threads=2)
+    engine = Engine(loaded, max_num_seqs=4, max_model_len=512, num_threads=2)
     engine.start()
     try:
         reqs = [request(p, max_tokens=24, stop_token_ids=(end,)) for p in prompts]
