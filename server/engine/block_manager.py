@@ -49,12 +49,18 @@ class BlockStats:
 class BlockManager:
     """A fixed pool of `num_blocks` blocks of `block_size` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError("num_blocks and block_size must be >= 1")
+    def __init__(
+        self, num_blocks: int, block_size: int, *, prefix_caching: bool = True,
+        reuse_unit: int = 1,
+    ) -> None:
+        """`reuse_unit`: prefix hits count in whole runs of that many blocks (the
+        runner's prefill chunk), so a prefill always starts on a chunk boundary."""
+        if num_blocks < 1 or block_size < 1 or reuse_unit < 1:
+            raise ValueError("num_blocks, block_size and reuse_unit must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        self.reuse_unit = reuse_unit
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
         self._refs = [0] * num_blocks
         self._key_of: dict[int, BlockKey] = {}
@@ -108,6 +114,7 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
+        del hits[len(hits) - len(hits) % self.reuse_unit :]
         needed = self.blocks_for(len(tokens)) - len(hits)
         revived = sum(1 for b in hits if self._refs[b] == 0)
         if needed > self.num_free - revived:

@@ -21,6 +21,10 @@ import torch
 from server.engine.block_manager import BlockManager
 
 CPU_DEFAULT_KV_CACHE_BYTES = 512 << 20
+# Prefill runs in chunks of about this many tokens (a whole number of blocks):
+# long enough for the matmuls to run near full speed, short enough that a
+# cached prefix is reused to within one chunk.
+PREFILL_CHUNK_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class KVPool:
     cache: KVCache
     blocks: BlockManager
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The prefill chunk: prefix reuse and prefill chunks share their boundaries."""
+        return self.blocks.reuse_unit * self.blocks.block_size
+
     @classmethod
     def create(
         cls, spec: KVSpec, *, budget_bytes: int, block_size: int, prefix_caching: bool = True
@@ -90,9 +99,12 @@ class KVPool:
                 f"a KV cache of {budget_bytes} bytes holds no block of {block_size} tokens "
                 f"({spec.block_bytes(block_size)} bytes)"
             )
+        reuse_unit = max(1, PREFILL_CHUNK_TOKENS // block_size)
         return cls(
             KVCache(spec, num_blocks, block_size),
-            BlockManager(num_blocks, block_size, prefix_caching=prefix_caching),
+            BlockManager(
+                num_blocks, block_size, prefix_caching=prefix_caching, reuse_unit=reuse_unit
+            ),
         )
 
     @property

@@ -10,7 +10,7 @@ runner calls the model's own modules (so quantised drop-in replacements of
   call: a sequence's tokens live in the slots its block table names, new keys
   and values are written there, and attention gathers them back;
 * a prefill can start after a cached prefix: only the new tokens are computed,
-  attending over the prefix's keys already in the pool;
+  in aligned chunks, attending over the prefix's keys already in the pool;
 * rotary tables are computed once, and a decode step's slot lists once per step;
 * decode attention runs per sequence, over exactly that sequence's tokens, and
   every projection computes each row on its own: a sequence's logits do not
@@ -27,6 +27,7 @@ runner calls the model's own modules (so quantised drop-in replacements of
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,15 @@ def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _chunked(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """`fn` over `x` in slices of `chunk` rows, concatenated."""
+    if x.shape[0] <= chunk:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(chunk)])
 
 
 class LlamaRunner:
@@ -145,16 +155,30 @@ class LlamaRunner:
         gate, up = self.gate_up[index](h)
         return self.down[index](self.act[index](gate) * up)[0]
 
+    def _qkv_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv[index].joint(self.input_norms[index](x))
+
+    def _post_attention_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp(index, self.post_norms[index](x))
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden))[0].float()
 
     @torch.inference_mode()
     def prefill(
         self, cache: KVCache, block_ids: list[int], token_ids: list[int], *, start: int = 0,
-        all_logits: bool = False,
+        chunk: int | None = None, all_logits: bool = False,
     ) -> torch.Tensor:
         """Write the KV of `token_ids[start:]` into the sequence's blocks, the
         first `start` tokens' KV being there already (a cached prefix).
+
+        The work runs in chunks of `chunk` tokens (default: all at once)
+        aligned to multiples of `chunk` from the first token, and `start` must
+        be such a multiple. Matmul kernels pick their blocking by row count,
+        and attention's reductions run over the key span it is given, so
+        aligned chunks, each attending over keys `0..chunk end` under a causal
+        mask, are what make a prefill that starts after a cached prefix
+        compute the very numbers a prefill from scratch computes.
 
         Returns float32 logits `[T - start, vocab]` when `all_logits` (prompt
         logprobs) else `[1, vocab]` for the last position only, sparing the
@@ -162,38 +186,52 @@ class LlamaRunner:
         """
         total = len(token_ids)
         length = total - start
+        chunk = chunk or total
+        if start % chunk or not 0 <= start < total:
+            raise ValueError(f"prefill start {start} is not a chunk boundary below {total}")
         ids = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
         rows = cache.slot_rows(block_ids, total)
-        new_rows = rows[start:]
-        mask = None
-        if start:
-            # Query i (position start + i) sees keys 0..start + i.
-            query_positions = torch.arange(start, total, device=self.device)
-            mask = self.key_positions[:total][None] <= query_positions[:, None]
+        spans = [(lo, min(lo + chunk, total)) for lo in range(start, total, chunk)]
+        # Query lo + i sees keys 0..lo + i.
+        masks = [
+            self.key_positions[:hi][None]
+            <= torch.arange(lo, hi, device=self.device)[:, None]
+            for lo, hi in spans
+        ]
         x = self.embed(ids)
         cos = self.cos[start:total][None, None]
         sin = self.sin[start:total][None, None]
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
         for index in range(len(self.layers)):
             k_cache, v_cache = cache.k[index], cache.v[index]
-            q, k, v = self.qkv[index](self.input_norms[index](x))
+            q, k, v = _chunked(partial(self._qkv_rows, index), x, chunk).split(
+                (q_width, kv_width, kv_width), dim=-1
+            )
             q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_cache.index_copy_(0, new_rows, k[0].transpose(0, 1))
-            v_cache.index_copy_(0, new_rows, v[0].transpose(0, 1))
-            if start:
-                k = k_cache.index_select(0, rows).transpose(0, 1)[None]
-                v = v_cache.index_select(0, rows).transpose(0, 1)[None]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling,
-                enable_gqa=self.group > 1,
-            )
-            x = x + self.o_proj[index](out.transpose(1, 2).reshape(length, -1))[0]
-            x = x + self._mlp(index, self.post_norms[index](x))
-        hidden = x if all_logits else x[-1:]
-        return self._logits(hidden)
+            k_cache.index_copy_(0, rows[start:], k[0].transpose(0, 1))
+            v_cache.index_copy_(0, rows[start:], v[0].transpose(0, 1))
+            # Keys as one contiguous [1, kv_heads, T, head_dim] tensor either way:
+            # attention's kernel path depends on the layout, and so do its numbers.
+            prefix = rows[:start]
+            k = torch.cat([k_cache.index_select(0, prefix).transpose(0, 1)[None], k], dim=2)
+            v = torch.cat([v_cache.index_select(0, prefix).transpose(0, 1)[None], v], dim=2)
+            out = torch.cat([
+                F.scaled_dot_product_attention(
+                    q[:, :, lo - start : hi - start], k[:, :, :hi], v[:, :, :hi], attn_mask=mask,
+                    scale=self.scaling, enable_gqa=self.group > 1,
+                )
+                for (lo, hi), mask in zip(spans, masks, strict=True)
+            ], dim=2).transpose(1, 2).reshape(length, -1)
+            x = x + _chunked(self.o_proj[index].joint, out, chunk)
+            x = x + _chunked(partial(self._post_attention_rows, index), x, chunk)
+        if all_logits:
+            return _chunked(self._logits, x, chunk)
+        return self._logits(x[-1:])
 
     @torch.inference_mode()
     def decode(

@@ -119,7 +119,8 @@ class ServedModel:
         cache, table = self._warmup_cache()
         prompt = [0] * min(_WARMUP_PROMPT, self.max_seq_len - 1)
         runner.prefill(cache, table, prompt)
-        runner.prefill(cache, table, prompt, start=len(prompt) // 2)  # after a cached prefix
+        half = len(prompt) // 2
+        runner.prefill(cache, table, prompt, start=half, chunk=half)  # after a cached prefix
         for batch in range(1, self.max_num_seqs + 1):
             # Every row writes the same slot: harmless, the cache is scratch.
             tokens = torch.zeros(batch, dtype=torch.long, device=runner.device)

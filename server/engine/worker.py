@@ -113,7 +113,7 @@ class Worker:
         tokens = sequence.prefill_tokens()
         logits = sequence.model.runner.prefill(
             pool.cache, sequence.block_ids, tokens, start=allocation.cached_tokens,
-            all_logits=all_logits,
+            chunk=pool.chunk_tokens, all_logits=all_logits,
         )
         pool.blocks.publish(allocation)
         sequence.cache_len = len(tokens)
