@@ -25,6 +25,7 @@ from server.engine import Engine
 from server.engine.worker import CacheConfig
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimit
+from server.memory import release_freed_memory
 from server.observability import install_observability
 from server.quantization_service import install_quantization, startup_model
 from server.routes import chat, completions, health, models
@@ -65,6 +66,8 @@ def _start_engine(app: FastAPI, settings: Settings) -> None:
                         max_queue=settings.max_queue, cache=cache_config(settings),
                         num_threads=settings.num_threads, compile=settings.compile)
         warmup = engine.start()
+        # A start-up quantisation's temporaries (the float model) go back to the OS.
+        release_freed_memory()
     except Exception as exc:
         app.state.fatal_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("start-up failed: %s", app.state.fatal_error)
