@@ -89,7 +89,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tuple[str, int]]:
+def spawned_server(
+    env_overrides: dict[str, str], log_dir: Path, ready_timeout_s: float = 300.0
+) -> Iterator[tuple[str, int]]:
     """`quantserve serve` on a free loopback port; yields (base_url, pid)."""
     port = _free_port()
     env = {**os.environ, "QUANTSERVE_CACHE_DIR": str(log_dir / "cache"), **env_overrides}
@@ -100,7 +102,7 @@ def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tup
              "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + ready_timeout_s
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
@@ -110,7 +112,7 @@ def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tup
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server not ready after 300 s")
+                raise RuntimeError(f"server not ready after {ready_timeout_s:.0f} s")
             time.sleep(0.5)
         yield base_url, process.pid
     finally:
