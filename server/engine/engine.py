@@ -152,7 +152,10 @@ class Engine:
         models = [s.model for s in running]
         pools = self._worker.pools([*models, active])
         blocks = self._worker.block_stats(pools)
-        held = sum((p.blocks.stats().used + p.blocks.stats().cached) * p.block_bytes for p in pools)
+        held = sum(
+            (stats.used + stats.cached) * pool.block_bytes
+            for pool, stats in ((p, p.blocks.stats()) for p in pools)
+        )
         return EngineStats(
             running=len(running),
             waiting=len(self._scheduler.waiting),
