@@ -245,13 +245,20 @@ class LlamaRunner:
         `block_tables[i]` the sequence's blocks, with room for it. Returns
         float32 logits `[B, vocab]`.
         """
-        rows = [
-            cache.slot_rows(table, position + 1)
-            for table, position in zip(block_tables, positions, strict=True)
-        ]
-        write = torch.stack([r[-1] for r in rows])
+        size = cache.block_size
+        keys: list[torch.Tensor | slice] = []
+        slots: list[int] = []
+        for table, position in zip(block_tables, positions, strict=True):
+            slots.append(table[position // size] * size + position % size)
+            first = table[0]
+            if table == list(range(first, first + len(table))):
+                # Blocks in a row (a sequence that grew alone): its keys are a view.
+                keys.append(slice(first * size, first * size + position + 1))
+            else:
+                keys.append(cache.slot_rows(table, position + 1))
+        write = torch.tensor(slots, dtype=torch.long, device=self.device)
         at = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self._step(cache.k, cache.v, token_ids, at, write, rows)
+        return self._step(cache.k, cache.v, token_ids, at, write, keys)
 
     def compile_decode(self) -> None:
         """Run decode steps through `torch.compile` (inductor) from now on.
@@ -267,18 +274,24 @@ class LlamaRunner:
         self._step = self._decode_step
 
     def _attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        keys: torch.Tensor | slice,
     ) -> torch.Tensor:
         """One sequence's decode attention: `q` `[kv_heads, group, head_dim]` over
-        its own keys, gathered from their slots."""
-        k = k_cache.index_select(0, rows).transpose(0, 1)
-        v = v_cache.index_select(0, rows).transpose(0, 1)
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        its own keys, a run of slots or gathered from theirs (the same layout
+        either way, so the same numbers)."""
+        if isinstance(keys, slice):
+            k, v = k_cache[keys], v_cache[keys]
+        else:
+            k, v = k_cache.index_select(0, keys), v_cache.index_select(0, keys)
+        return F.scaled_dot_product_attention(
+            q, k.transpose(0, 1), v.transpose(0, 1), scale=self.scaling
+        )
 
     def _decode_step(
         self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
         token_ids: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
-        rows: list[torch.Tensor],
+        keys: list[torch.Tensor | slice],
     ) -> torch.Tensor:
         batch = token_ids.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -295,7 +308,7 @@ class LlamaRunner:
             k_cache.index_copy_(0, write, qk[:, heads:])
             v_cache.index_copy_(0, write, qkv[:, qk_width:].view(batch, kv_heads, head_dim))
             q = qk[:, :heads].view(batch, kv_heads, self.group, head_dim)
-            outs = [self._attend(q[i], k_cache, v_cache, r) for i, r in enumerate(rows)]
+            outs = [self._attend(q[i], k_cache, v_cache, r) for i, r in enumerate(keys)]
             out = outs[0] if batch == 1 else torch.cat(outs)
             x = x + self.o_proj[index](out.reshape(batch, -1))[0]
             x = x + self._mlp(index, self.post_norms[index](x))
