@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from memory_bench import machine  # noqa: E402
+sys.path.insert(0, str(REPO))
+from quantizers.evaluation.machine import describe_machine  # noqa: E402
 
 # Runs inside each checkout (its own `server` package): the engine's limits
 # are passed under whichever names that version's Engine takes.
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    print(machine(), f"; {args.threads} torch threads per engine", flush=True)
+    print(describe_machine(args.threads), "(per engine)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         checkouts = {args.ref: export(args.ref, Path(tmp)), "this checkout": REPO}
         processes = {label: start(path, args) for label, path in checkouts.items()}

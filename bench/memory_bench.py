@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from load_test import rss_bytes, spawned_server  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from quantizers.evaluation.machine import describe_machine  # noqa: E402
+
 MIB = 1 << 20
 PROMPT_TOKENS = 1500
 NEW_TOKENS = 64
@@ -46,13 +48,8 @@ CLIENTS = 16
 
 
 def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"model name\s*:\s*(.+)", info)
-    flags = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split())  # type: ignore[union-attr]
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return (f"{model.group(1) if model else 'unknown CPU'}; flags: "
-            f"{' '.join(f for f in wanted if f in flags)}; "
-            f"{len(os.sched_getaffinity(0))} cores available to the server (its default threads)")
+    cores = len(os.sched_getaffinity(0))
+    return describe_machine(cores) + " (the servers' default: one thread per core)"
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:

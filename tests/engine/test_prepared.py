@@ -147,8 +147,8 @@ def test_bitsandbytes_modules_run_unfused_and_exact(method: str) -> None:
     concatenate: its projections must stay separate (a fused copy computed 576
     outputs and was reshaped as 960 on SmolLM2)."""
     model = _model("bfloat16", method, None)
-    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    reference = LlamaRunner(model, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_seq_len=64)
     assert all(p.prepared is None for p in [*prepared.qkv, *prepared.gate_up])
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)
