@@ -116,7 +116,7 @@ def part_long(workdir: Path) -> dict[str, Any]:
     rng = random.Random(0)
     prompts = [random_prompt(rng, PROMPT_TOKENS) for _ in range(CLIENTS)]
     (workdir / "long").mkdir()
-    with spawned_server({}, workdir / "long") as (url, pid):
+    with spawned_server({}, workdir / "long", ready_timeout_s=1200) as (url, pid):
         complete(url, [1000, 2000, 3000], 8)
         before = settled_rss(pid)
         peak = {"rss": before, "kv": 0.0, "used": 0.0}
@@ -162,7 +162,7 @@ def part_prefix(workdir: Path, pairs: int) -> dict[str, Any]:
     firsts: list[float] = []
     seconds: list[float] = []
     (workdir / "prefix").mkdir()
-    with spawned_server({}, workdir / "prefix") as (url, _):
+    with spawned_server({}, workdir / "prefix", ready_timeout_s=1200) as (url, _):
         complete(url, [1000, 2000, 3000], 8)
         for _ in range(pairs):
             prefix = random_prompt(rng, PROMPT_TOKENS)
