@@ -89,7 +89,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tuple[str, int]]:
+def spawned_server(
+    env_overrides: dict[str, str], log_dir: Path, ready_timeout_s: float = 300.0
+) -> Iterator[tuple[str, int]]:
     """`quantserve serve` on a free loopback port; yields (base_url, pid)."""
     port = _free_port()
     env = {**os.environ, "QUANTSERVE_CACHE_DIR": str(log_dir / "cache"), **env_overrides}
@@ -100,7 +102,7 @@ def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tup
              "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + ready_timeout_s
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
@@ -110,7 +112,7 @@ def spawned_server(env_overrides: dict[str, str], log_dir: Path) -> Iterator[tup
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server not ready after 300 s")
+                raise RuntimeError(f"server not ready after {ready_timeout_s:.0f} s")
             time.sleep(0.5)
         yield base_url, process.pid
     finally:
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = measure(args.base_url.rstrip("/"), args.pid, args)
     else:
         env = {"QUANTSERVE_MAX_QUEUE": str(args.max_queue),
-               "QUANTSERVE_MAX_BATCH": str(args.max_batch), "QUANTSERVE_DTYPE": args.dtype}
+               "QUANTSERVE_MAX_NUM_SEQS": str(args.max_batch), "QUANTSERVE_DTYPE": args.dtype}
         if args.model:
             env["QUANTSERVE_MODEL"] = args.model
         if args.model_id:

@@ -79,7 +79,7 @@ def main() -> None:
     loaded = load_model(dtype="bfloat16")
     app = FastAPI()
     install_observability(app)
-    engine = Engine(loaded, max_batch=1)
+    engine = Engine(loaded, max_num_seqs=1)
     engine.start()
     app.state.engine = engine
     prompt = loaded.tokenizer("The history of the printing press", add_special_tokens=False)[

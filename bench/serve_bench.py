@@ -185,7 +185,7 @@ def build_contender(
         model = variant_model(base, name).model
         measure = partial(generate_speed, model, ids, args.tokens)
     else:
-        engine = Engine(variant_model(base, name), max_batch=1, max_batch_tokens=1024,
+        engine = Engine(variant_model(base, name), max_num_seqs=1, max_model_len=1024,
                         num_threads=args.threads, compile=args.compile)
         engine.start()  # compilation and warm-up happen here, outside the timed runs
         extra = engine.stats().extra
@@ -340,7 +340,7 @@ def build_batching_contender(
     prompts = [prompt_ids(loaded.tokenizer, 60, offset=3000 + 700 * i) for i in range(8)]
     if label == "generate_batch":
         return partial(generate_batch_tps, loaded.model, prompts, args.served_tokens), {}
-    engine = Engine(loaded, max_batch=8, max_batch_tokens=1024, num_threads=args.threads)
+    engine = Engine(loaded, max_num_seqs=8, max_model_len=1024, num_threads=args.threads)
     engine.start()
     return partial(engine_batch_tps, engine, prompts, args.served_tokens), {}
 

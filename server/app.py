@@ -22,8 +22,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from quantizers.loading import LoadedModel, load_model
 from server.auth import require_api_key
 from server.engine import Engine
+from server.engine.worker import CacheConfig
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimit
+from server.memory import release_freed_memory
 from server.observability import install_observability
 from server.quantization_service import install_quantization, startup_model
 from server.routes import chat, completions, health, models
@@ -45,17 +47,28 @@ def load_served_model(settings: Settings) -> LoadedModel:
                       quantized_gguf=settings.gguf_weights == "quantized")
 
 
+def cache_config(settings: Settings) -> CacheConfig:
+    return CacheConfig(
+        kv_cache_bytes=settings.kv_cache_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        block_size=settings.block_size, prefix_caching=settings.enable_prefix_caching,
+    )
+
+
 def _start_engine(app: FastAPI, settings: Settings) -> None:
     """Runs in a thread: load, warm up, then publish the engine (ready)."""
     started = time.perf_counter()
     try:
         loaded = (startup_model(app.state.jobs, settings) if settings.quantize
                   else load_served_model(settings))
-        engine = Engine(loaded, max_batch=settings.max_batch,
-                        max_batch_tokens=settings.max_batch_tokens,
-                        max_queue=settings.max_queue, num_threads=settings.num_threads,
-                        compile=settings.compile)
+        engine = Engine(loaded, max_num_seqs=settings.max_num_seqs,
+                        max_model_len=settings.max_model_len,
+                        max_num_batched_tokens=settings.max_num_batched_tokens,
+                        max_queue=settings.max_queue, cache=cache_config(settings),
+                        num_threads=settings.num_threads, compile=settings.compile)
         warmup = engine.start()
+        # A start-up quantisation's temporaries (the float model) go back to the OS.
+        release_freed_memory()
     except Exception as exc:
         app.state.fatal_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("start-up failed: %s", app.state.fatal_error)

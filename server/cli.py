@@ -47,9 +47,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        "help": "torch.compile the decode step at start-up: auto (default: "
                                "on CUDA only), on, off [QUANTSERVE_COMPILE]"}),
         ("--cache-dir", {"help": "artifact cache directory [QUANTSERVE_CACHE_DIR]"}),
-        ("--max-batch", {"type": int, "help": "sequences decoded together (default 8) "
+        ("--max-model-len", {"type": int, "help": "tokens one sequence may hold, prompt and "
+                                                  "completion (default 4096) "
+                                                  "[QUANTSERVE_MAX_MODEL_LEN]"}),
+        ("--max-num-seqs", {"type": int, "help": "sequences decoded together (default 8) "
+                                                 "[QUANTSERVE_MAX_NUM_SEQS]"}),
+        ("--max-num-batched-tokens", {"type": int, "help": "tokens one step may process "
+                                      "(default: max-model-len) "
+                                      "[QUANTSERVE_MAX_NUM_BATCHED_TOKENS]"}),
+        ("--kv-cache-bytes", {"type": int, "help": "bytes of the paged KV cache (default 512 "
+                                                   "MiB on CPU, a share of free memory on "
+                                                   "CUDA) [QUANTSERVE_KV_CACHE_BYTES]"}),
+        ("--max-batch", {"type": int, "help": "deprecated: use --max-num-seqs "
                                               "[QUANTSERVE_MAX_BATCH]"}),
-        ("--max-batch-tokens", {"type": int, "help": "token budget of one batch (default 4096) "
+        ("--max-batch-tokens", {"type": int, "help": "deprecated: use --max-model-len "
                                                      "[QUANTSERVE_MAX_BATCH_TOKENS]"}),
         ("--max-queue", {"type": int, "help": "waiting requests before 429 (default 64) "
                                               "[QUANTSERVE_MAX_QUEUE]"}),

@@ -136,7 +136,8 @@ class ServerStateCollector(Collector):
     def _engine_gauges(
         engine: Any, labels: list[str] | None
     ) -> Generator[Metric, None, int]:
-        """Queue and batch gauges; returns the KV-cache bytes for the memory breakdown."""
+        """Queue, batch and KV cache gauges and counters; returns the KV-cache bytes
+        for the memory breakdown."""
         families = {
             "running": GaugeMetricFamily(
                 "quantserve_requests_running", "Sequences in the running batch.",
@@ -145,11 +146,29 @@ class ServerStateCollector(Collector):
                 "quantserve_requests_waiting", "Sequences queued for admission.",
                 labels=_MODEL_LABELS),
             "kv_cache_bytes": GaugeMetricFamily(
-                "quantserve_kv_cache_bytes", "Bytes of KV cache held by running sequences.",
+                "quantserve_kv_cache_bytes",
+                "Bytes of KV cache blocks holding tokens (used by sequences or cached prefixes).",
                 labels=_MODEL_LABELS),
             "max_batch": GaugeMetricFamily(
                 "quantserve_max_batch", "Sequences the running batch may hold.",
                 labels=_MODEL_LABELS),
+        }
+        blocks = GaugeMetricFamily(
+            "quantserve_kv_cache_blocks",
+            "KV cache blocks by state: total in the pool, used by running sequences, "
+            "cached (unused, kept for prefix reuse until evicted).",
+            labels=[*_MODEL_LABELS, "state"])
+        counters = {
+            "prefix_cache_queries": CounterMetricFamily(
+                "quantserve_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.", labels=_MODEL_LABELS),
+            "prefix_cache_hits": CounterMetricFamily(
+                "quantserve_prefix_cache_hits",
+                "Prompt tokens whose KV was found in the prefix cache.", labels=_MODEL_LABELS),
+            "preemptions": CounterMetricFamily(
+                "quantserve_preemptions",
+                "Running sequences preempted (to be recomputed) when the KV cache ran out "
+                "of blocks.", labels=_MODEL_LABELS),
         }
         kv_bytes = 0
         if engine is not None and labels is not None:
@@ -157,7 +176,11 @@ class ServerStateCollector(Collector):
             kv_bytes = stats.kv_cache_bytes
             for field, family in families.items():
                 family.add_metric(labels, getattr(stats, field))
-        yield from families.values()
+            for state in ("total", "used", "cached"):
+                blocks.add_metric([*labels, state], getattr(stats, f"kv_blocks_{state}"))
+            for field, counter in counters.items():
+                counter.add_metric(labels, getattr(stats, field))
+        yield from (*families.values(), blocks, *counters.values())
         return kv_bytes
 
     @staticmethod

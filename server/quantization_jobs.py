@@ -11,7 +11,6 @@ interleave.
 from __future__ import annotations
 
 import enum
-import gc
 import logging
 import queue
 import threading
@@ -28,6 +27,7 @@ from quantizers.calibration import CalibrationConfig
 from quantizers.errors import LayerQuantizationError
 from quantizers.loading import LoadedModel, load_model
 from server.engine import Engine
+from server.memory import release_freed_memory
 from server.metrics import record_quantization_job
 from server.variant_pipeline import (
     QUALITY_TOKENS,
@@ -326,7 +326,8 @@ class JobManager:
                 runner.join()
             finally:
                 self._current = None
-                gc.collect()
+                # The build's temporaries (float model, copies) go back to the OS.
+                release_freed_memory()
 
     def _run(self, job: Job) -> None:
         job.start()

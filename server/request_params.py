@@ -80,9 +80,9 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def context_window(loaded: LoadedModel, settings: Settings) -> int:
-    """Tokens one sequence may hold: the model's context, capped by the engine's
-    pre-allocated KV cache (QUANTSERVE_MAX_BATCH_TOKENS positions per sequence)."""
-    return min(loaded.context_length, settings.max_batch_tokens)
+    """Tokens one sequence may hold: the model's context, capped by the
+    operator's QUANTSERVE_MAX_MODEL_LEN."""
+    return min(loaded.context_length, settings.max_model_len)
 
 
 def check_length(

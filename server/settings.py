@@ -7,11 +7,12 @@ configured through the environment alone and the CLI only overrides it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +60,27 @@ class Settings(BaseSettings):
     )
     cache_max_bytes: int | None = Field(default=None, ge=0)
 
-    max_batch: int = Field(default=8, ge=1)
-    max_batch_tokens: int = Field(default=4096, ge=16)
+    max_model_len: int = Field(
+        default=4096, ge=16, description="Tokens one sequence may hold (prompt + completion), "
+        "capped by the model's context.")
+    max_num_seqs: int = Field(default=8, ge=1, description="Sequences decoded together.")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Tokens one step may process (prompt tokens of the "
+        "sequences it admits plus one per running sequence); default: max_model_len.")
+    kv_cache_bytes: int | None = Field(
+        default=None, ge=1 << 20, description="Bytes of the paged KV cache pool; default "
+        "512 MiB on CPU (pages are only resident once used), gpu_memory_utilization of the "
+        "free device memory on CUDA.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="On CUDA, the share of free device memory "
+        "(after loading the model) the KV cache pool takes when kv_cache_bytes is unset.")
+    block_size: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse the KV blocks of prompt prefixes across requests.")
+    # Deprecated names, read for one release: max_batch is max_num_seqs, and
+    # max_batch_tokens (which also capped one sequence) is max_model_len.
+    max_batch: int | None = Field(default=None, ge=1, deprecated=True)
+    max_batch_tokens: int | None = Field(default=None, ge=16, deprecated=True)
     max_queue: int = Field(default=64, ge=0)
     max_completion_tokens: int = Field(
         default=2048, ge=1, description="Upper bound on max_tokens for any request."
@@ -72,6 +92,28 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        renamed = (("max_batch", "max_num_seqs"), ("max_batch_tokens", "max_model_len"))
+        for old, new in renamed:
+            value = self.__dict__[old]
+            if value is None:
+                continue
+            warnings.warn(
+                f"{old} (QUANTSERVE_{old.upper()}) is deprecated and will be removed in the "
+                f"next release; use {new} (QUANTSERVE_{new.upper()})",
+                FutureWarning, stacklevel=2,
+            )
+            if new not in self.model_fields_set:
+                self.__dict__[new] = value
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = self.max_model_len
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len: a prompt is prefilled in one step"
+            )
+        return self
 
     @field_validator("quantize_config", mode="before")
     @classmethod

@@ -1,14 +1,18 @@
 """The generation engine: a worker thread running continuous batching.
 
-Requests wait in a bounded queue. At every decode step the worker retires
-finished, cancelled and timed-out sequences, admits waiting requests while the
-batch has room (`max_batch` sequences, `max_batch_tokens` cache positions),
-prefills each newcomer, then advances every running sequence by one token in a
-single batched forward pass. Tokens reach each consumer's asyncio queue as soon
-as they are chosen, so streams interleave.
+Requests wait in a bounded queue. At every step the engine thread retires
+finished, cancelled and timed-out sequences, lets the scheduler admit waiting
+requests (seats, step token budget and free KV blocks permitting), has the
+worker prefill each newcomer past its cached prefix, makes room for every
+running sequence's next token (preempting the newest when the block pool is
+short), then advances them all by one token in a single batched forward pass.
+Tokens reach each consumer's asyncio queue as soon as they are chosen, so
+streams interleave.
 
-All model work happens on the worker thread, off the event loop, so the HTTP
-layer stays responsive during long generations.
+The split follows vLLM: `Scheduler` (pure policy), `Worker` (model, KV pool,
+runner), and this class, which owns the thread, the requests and sampling. All
+model work happens on the engine thread, off the event loop, so the HTTP layer
+stays responsive during long generations.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 
 from quantizers.loading import LoadedModel
 from server.engine.sampling import choose_tokens, prompt_logprobs
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.engine.served_model import CompileMode, ServedModel
+from server.engine.served_model import CompileMode
 from server.engine.types import (
     EngineOverloaded,
     EngineShuttingDown,
@@ -38,6 +43,7 @@ from server.engine.types import (
     TokenDelta,
     TokenLogprob,
 )
+from server.engine.worker import CacheConfig, Worker
 
 log = logging.getLogger("quantserve.engine")
 
@@ -60,22 +66,31 @@ class Engine:
         self,
         loaded: LoadedModel,
         *,
-        max_batch: int = 8,
-        max_batch_tokens: int = 4096,
+        max_num_seqs: int = 8,
+        max_model_len: int = 4096,
+        max_num_batched_tokens: int | None = None,
         max_queue: int = 64,
+        cache: CacheConfig | None = None,
         num_threads: int | None = None,
         compile: CompileMode = "off",
     ) -> None:
-        if max_batch < 1 or max_batch_tokens < 2 or max_queue < 0:
-            raise ValueError("max_batch >= 1, max_batch_tokens >= 2 and max_queue >= 0 required")
-        self.max_batch = max_batch
-        self.max_batch_tokens = max_batch_tokens
+        batched = max_model_len if max_num_batched_tokens is None else max_num_batched_tokens
+        if max_num_seqs < 1 or max_model_len < 2 or max_queue < 0 or batched < max_model_len:
+            raise ValueError(
+                "max_num_seqs >= 1, max_model_len >= 2, max_queue >= 0 and "
+                "max_num_batched_tokens >= max_model_len required"
+            )
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         self.max_queue = max_queue
         self.num_threads = num_threads or available_cores()
-        self.compile: CompileMode = compile
-        self._active = self._serve(loaded)
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
+        self._worker = Worker(
+            loaded, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            cache=cache or CacheConfig(), compile=compile,
+        )
+        self._scheduler: Scheduler[Sequence] = Scheduler(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=batched
+        )
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,7 +109,7 @@ class Engine:
         Returns the warm-up seconds so the caller can report them.
         """
         torch.set_num_threads(self.num_threads)
-        seconds = self._active.warm_up()
+        seconds = self._worker.active.warm_up()
         self._thread = threading.Thread(target=self._run, name="quantserve-engine", daemon=True)
         self._thread.start()
         return seconds
@@ -117,43 +132,51 @@ class Engine:
 
     @property
     def loaded(self) -> LoadedModel:
-        return self._active.loaded
+        return self._worker.active.loaded
 
     def swap_model(self, loaded: LoadedModel) -> None:
         """Build and warm the new model, then make it the one new requests use.
 
         Requests already submitted keep the model they were submitted under;
-        the worker drains that batch before admitting any request for the new
-        one, because a batch runs one model.
+        the scheduler drains that batch before admitting any request for the
+        new one, because a batch runs one model. The new model shares the KV
+        pool when its cache has the same shape.
         """
-        served = self._serve(loaded)
+        served = self._worker.build(loaded, self._worker.active)
         served.warm_up()
-        self._active = served
-
-    def _serve(self, loaded: LoadedModel) -> ServedModel:
-        return ServedModel(
-            loaded, max_batch=self.max_batch, max_seq_len=self.max_batch_tokens,
-            compile=self.compile,
-        )
+        self._worker.active = served
 
     def stats(self) -> EngineStats:
-        running = list(self._running)
-        models = {id(s.model): s.model for s in running}
-        models[id(self._active)] = self._active
+        running = list(self._scheduler.running)
+        active = self._worker.active
+        models = [s.model for s in running]
+        pools = self._worker.pools([*models, active])
+        blocks = self._worker.block_stats(pools)
+        held = sum(
+            (stats.used + stats.cached) * pool.block_bytes
+            for pool, stats in ((p, p.blocks.stats()) for p in pools)
+        )
         return EngineStats(
             running=len(running),
-            waiting=len(self._waiting),
-            kv_cache_bytes=sum(m.runner.kv_cache_bytes for m in models.values()),
-            max_batch=self.max_batch,
+            waiting=len(self._scheduler.waiting),
+            kv_cache_bytes=held,
+            max_batch=self.max_num_seqs,
             total_finished=self._finished_total,
+            kv_blocks_total=blocks.total,
+            kv_blocks_used=blocks.used,
+            kv_blocks_cached=blocks.cached,
+            prefix_cache_queries=blocks.prefix_queries,
+            prefix_cache_hits=blocks.prefix_hits,
+            preemptions=self._scheduler.preemptions,
             extra={
                 "generated_tokens_total": float(self._generated_total),
                 "prompt_tokens_total": float(self._prompt_total),
                 "decode_steps_total": float(self._decode_steps),
-                "warmup_seconds": self._active.warmup_s,
-                "compile_seconds": self._active.compile_s,
-                "decode_compiled": float(self._active.compiled),
-                "prepared_weight_bytes": float(self._active.runner.prepared_weight_bytes),
+                "warmup_seconds": active.warmup_s,
+                "compile_seconds": active.compile_s,
+                "decode_compiled": float(active.compiled),
+                "prepared_weight_bytes": float(active.runner.prepared_weight_bytes),
+                "kv_pool_bytes": float(sum(p.cache.nbytes for p in pools)),
                 "num_threads": float(self.num_threads),
             },
         )
@@ -174,14 +197,22 @@ class Engine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        served = self._active
+        served = self._worker.active
         sequence = Sequence(request, served, sink, served.eos_ids)
+        prompt = request.prompt_ids
         with self._lock:
             if not self._accepting:
                 raise EngineShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._scheduler.waiting) >= self.max_queue:
                 raise EngineOverloaded(retry_after_s=1.0)
-            self._waiting.append(sequence)
+            if not prompt or len(prompt) >= served.max_seq_len:
+                self._finished_total += 1
+                sequence.finish(
+                    "error",
+                    f"prompt has {len(prompt)} tokens; 1..{served.max_seq_len - 1} are supported",
+                )
+            else:
+                self._scheduler.add(sequence)
         self._wake.set()
         done = False
         try:
@@ -199,7 +230,8 @@ class Engine:
 
     def _cancel_pending(self) -> None:
         with self._lock:
-            pending, self._waiting = list(self._waiting), deque()
+            pending = list(self._scheduler.waiting)
+            self._scheduler.waiting.clear()
         for sequence in pending:
             self._finished_total += 1
             sequence.finish("cancelled")
@@ -209,16 +241,16 @@ class Engine:
         while True:
             if self._cancel_all:
                 self._cancel_pending()
-                for sequence in list(self._running):
+                for sequence in list(self._scheduler.running):
                     self._retire(sequence, "cancelled")
                 return
             self._expire_waiting()
             self._retire_interrupted()
             self._admit()
-            if self._running:
+            if self._scheduler.running:
                 self._step()
                 continue
-            if self._stop and not self._waiting:
+            if self._stop and not self._scheduler.waiting:
                 return
             self._wake.wait(_IDLE_POLL_S)
             self._wake.clear()
@@ -236,86 +268,55 @@ class Engine:
         with self._lock:
             keep: deque[Sequence] = deque()
             dropped: list[tuple[Sequence, FinishReason]] = []
-            for sequence in self._waiting:
+            for sequence in self._scheduler.waiting:
                 reason = self._interrupt_reason(sequence, now)
                 if reason is None:
                     keep.append(sequence)
                 else:
                     dropped.append((sequence, reason))
-            self._waiting = keep
+            self._scheduler.waiting = keep
         for sequence, reason in dropped:
             self._finished_total += 1
             sequence.finish(reason)
 
     def _retire_interrupted(self) -> None:
         now = time.perf_counter()
-        for sequence in list(self._running):
+        for sequence in list(self._scheduler.running):
             reason = self._interrupt_reason(sequence, now)
             if reason is not None:
                 self._retire(sequence, reason)
 
     def _retire(self, sequence: Sequence, reason: FinishReason, error: str | None = None) -> None:
-        """Free a sequence's slot, then send its Finish.
-
-        The last running sequence moves into the freed slot so that running
-        sequences stay in slots 0..n-1.
-        """
-        slot = sequence.slot
-        last = self._running[-1]
-        if last is not sequence:
-            sequence.model.runner.move_slot(last.slot, slot, last.cache_len)
-            last.slot = slot
-            self._running[slot] = last
-        self._running.pop()
+        """Give the sequence's blocks back, then send its Finish."""
+        self._scheduler.retire(sequence)
         self._finished_total += 1
         sequence.finish(reason, error)
 
-    def _fits(self, sequence: Sequence) -> bool:
-        if not self._running:
-            return True
-        if len(self._running) >= self.max_batch or sequence.model is not self._running[0].model:
-            return False
-        used = sum(min(s.budget_tokens, s.model.max_seq_len) for s in self._running)
-        return used + min(sequence.budget_tokens, sequence.model.max_seq_len) <= (
-            self.max_batch_tokens
-        )
-
     def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._waiting or not self._fits(self._waiting[0]):
-                    return
-                sequence = self._waiting.popleft()
+        with self._lock:
+            admitted = self._scheduler.admit()
+        for sequence in admitted:
             self._prefill(sequence)
 
     def _prefill(self, sequence: Sequence) -> None:
-        sequence.admitted = time.perf_counter()
-        served = sequence.model
-        prompt = sequence.request.prompt_ids
-        if not prompt or len(prompt) >= served.max_seq_len:
-            self._finished_total += 1
-            sequence.finish(
-                "error",
-                f"prompt has {len(prompt)} tokens; 1..{served.max_seq_len - 1} are supported",
-            )
-            return
-        sequence.slot = len(self._running)
-        self._running.append(sequence)
+        recompute = sequence.preempted
+        if not recompute:
+            sequence.admitted = time.perf_counter()
+        wants_prompt = sequence.request.prompt_logprobs and not recompute
         try:
-            logits = served.runner.prefill(
-                sequence.slot, prompt, all_logits=sequence.request.prompt_logprobs
-            )
-            if sequence.request.prompt_logprobs:
+            logits = self._worker.prefill(sequence, all_logits=wants_prompt)
+            if recompute:
+                return  # its next token was chosen before the preemption
+            if wants_prompt:
                 sequence.prompt_logprobs = self._prompt_logprobs(sequence, logits)
             choice = choose_tokens(logits[-1:], [sequence.params], [sequence.generator])[0]
         except Exception as exc:  # a broken model must fail the request, not the worker
             log.exception("prefill failed for %s", sequence.request.request_id)
             self._retire(sequence, "error", str(exc))
             return
-        sequence.cache_len = len(prompt)
-        self._prompt_total += len(prompt)
+        self._prompt_total += sequence.prompt_len
         self._generated_total += 1
-        reason = sequence.accept(choice, served.max_seq_len)
+        reason = sequence.accept(choice, sequence.model.max_seq_len)
         if reason is not None:
             self._retire(sequence, reason)
 
@@ -329,18 +330,20 @@ class Engine:
         )
 
     def _step(self) -> None:
-        running = self._running
+        with self._lock:
+            self._scheduler.reserve_decode()
+        running = list(self._scheduler.running)
+        if not running:
+            return
         served = running[0].model
-        tokens = torch.tensor([s.last_token for s in running], dtype=torch.long)
-        positions = torch.tensor([s.cache_len for s in running], dtype=torch.long)
         try:
-            logits = served.runner.decode(tokens, positions)
+            logits = self._worker.decode(running)
             choices = choose_tokens(
                 logits, [s.params for s in running], [s.generator for s in running]
             )
         except Exception as exc:
             log.exception("decode step failed")
-            for sequence in list(running):
+            for sequence in running:
                 self._retire(sequence, "error", str(exc))
             return
         self._decode_steps += 1

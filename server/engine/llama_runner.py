@@ -1,4 +1,4 @@
-"""A lean forward pass for Llama-family models over a slot-based static KV cache.
+"""A lean forward pass for Llama-family models over a paged KV cache.
 
 transformers' `generate` pays for generality on every token: cache objects,
 mask construction, output dataclasses and hooks across 30 small layers. On a
@@ -6,11 +6,16 @@ mask construction, output dataclasses and hooks across 30 small layers. On a
 runner calls the model's own modules (so quantised drop-in replacements of
 `nn.Linear` run their low-bit kernels) but does the bookkeeping itself:
 
-* the KV cache is allocated once, `[max_batch, kv_heads, max_seq_len, head_dim]`
-  per layer, and a running sequence owns one slot;
-* running sequences always occupy slots `0..n-1`, so a decode step attends over a
-  *view* of the cache and never gathers it;
-* rotary tables and the attention mask are computed once per step, not per layer;
+* the KV cache is a pool of blocks (`kv_cache.py`) the runner is handed per
+  call: a sequence's tokens live in the slots its block table names, new keys
+  and values are written there, and attention gathers them back;
+* a prefill can start after a cached prefix: only the new tokens are computed,
+  in aligned chunks, attending over the prefix's keys already in the pool;
+* rotary tables are computed once, and a decode step's slot lists once per step;
+* decode attention runs per sequence, over exactly that sequence's tokens, and
+  every projection computes each row on its own: a sequence's logits do not
+  depend on which others share its batch (greedy output alone = batched, in
+  bf16 too), and no step attends over padding;
 * grouped-query attention at decode folds the query heads that share a KV head
   into the query-length axis, so keys are never repeated;
 * q/k/v and gate/up run as one matmul each and bf16 weights are prepacked for
@@ -22,11 +27,13 @@ runner calls the model's own modules (so quantised drop-in replacements of
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.kv_cache import KVCache, KVSpec
 from server.engine.projections import Projection
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -57,12 +64,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _chunked(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """`fn` over `x` in slices of `chunk` rows, concatenated."""
+    if x.shape[0] <= chunk:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(chunk)])
+
+
 class LlamaRunner:
-    """Runs prefill and batched decode for one model with its own KV cache."""
+    """Runs prefill and batched decode for one model over a KV cache it is handed."""
 
     def __init__(
-        self, model: nn.Module, *, max_batch: int, max_seq_len: int, prepare: bool = True,
-        prepack: bool = True,
+        self, model: nn.Module, *, max_seq_len: int, prepare: bool = True, prepack: bool = True,
     ) -> None:
         """`prepare=False` runs the model's modules as they are: the reference
         the prepared (fused, prepacked) path is tested against. `prepack=False`
@@ -111,21 +126,22 @@ class LlamaRunner:
         )
         self.group = self.num_heads // self.num_kv_heads
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
-        self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        shape = (max_batch, self.num_kv_heads, max_seq_len, self.head_dim)
-        self.k_cache = [self._empty(shape) for _ in self.layers]
-        self.v_cache = [self._empty(shape) for _ in self.layers]
         positions = torch.arange(max_seq_len, device=self.device)[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
             cos, sin = body.rotary_emb(probe, positions)
         self.cos = cos[0].to(self.dtype)
         self.sin = sin[0].to(self.dtype)
-        self.batch_index = torch.arange(max_batch, device=self.device)
-        self.kv_head_index = torch.arange(self.num_kv_heads, device=self.device)[None]
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        return KVSpec(
+            layers=len(self.layers), kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
 
     @property
     def prepared_weight_bytes(self) -> int:
@@ -135,77 +151,121 @@ class LlamaRunner:
         projections = [*self.qkv, *self.o_proj, *self.gate_up, *self.down, self.lm_head]
         return sum(p.weight_bytes for p in projections)
 
-    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        per_layer = self.k_cache[0].numel() * self.k_cache[0].element_size()
-        return 2 * per_layer * len(self.layers)
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache from slot `src` to `dst` (keeps slots dense)."""
-        for k, v in zip(self.k_cache, self.v_cache, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
     def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[index](h)
         return self.down[index](self.act[index](gate) * up)[0]
+
+    def _qkv_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv[index].joint(self.input_norms[index](x))
+
+    def _post_attention_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp(index, self.post_norms[index](x))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden))[0].float()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Run a prompt through the model into cache slot `slot`.
+    def prefill(
+        self, cache: KVCache, block_ids: list[int], token_ids: list[int], *, start: int = 0,
+        chunk: int | None = None, all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Write the KV of `token_ids[start:]` into the sequence's blocks, the
+        first `start` tokens' KV being there already (a cached prefix).
 
-        Returns float32 logits `[T, vocab]` when `all_logits` (prompt logprobs)
-        else `[1, vocab]` for the last position only, sparing the vocab
-        projection of every other prompt token.
+        The work runs in chunks of `chunk` tokens (default: all at once)
+        aligned to multiples of `chunk` from the first token, and `start` must
+        be such a multiple. Matmul kernels pick their blocking by row count,
+        and attention's reductions run over the key span it is given, so
+        aligned chunks, each attending over keys `0..chunk end` under a causal
+        mask, are what make a prefill that starts after a cached prefix
+        compute the very numbers a prefill from scratch computes.
+
+        Returns float32 logits `[T - start, vocab]` when `all_logits` (prompt
+        logprobs) else `[1, vocab]` for the last position only, sparing the
+        vocab projection of every other prompt token.
         """
-        length = len(token_ids)
-        ids = torch.tensor(token_ids, device=self.device)
+        total = len(token_ids)
+        length = total - start
+        chunk = chunk or total
+        if start % chunk or not 0 <= start < total:
+            raise ValueError(f"prefill start {start} is not a chunk boundary below {total}")
+        ids = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
+        rows = cache.slot_rows(block_ids, total)
+        spans = [(lo, min(lo + chunk, total)) for lo in range(start, total, chunk)]
+        # Query lo + i sees keys 0..lo + i.
+        masks = [
+            self.key_positions[:hi][None]
+            <= torch.arange(lo, hi, device=self.device)[:, None]
+            for lo, hi in spans
+        ]
         x = self.embed(ids)
-        cos = self.cos[:length][None, None]
-        sin = self.sin[:length][None, None]
+        cos = self.cos[start:total][None, None]
+        sin = self.sin[start:total][None, None]
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
         for index in range(len(self.layers)):
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            q, k, v = self.qkv[index](self.input_norms[index](x))
+            k_cache, v_cache = cache.k[index], cache.v[index]
+            q, k, v = _chunked(partial(self._qkv_rows, index), x, chunk).split(
+                (q_width, kv_width, kv_width), dim=-1
+            )
             q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_cache[slot, :, :length] = k[0]
-            v_cache[slot, :, :length] = v[0]
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.group > 1
-            )
-            x = x + self.o_proj[index](out.transpose(1, 2).reshape(length, -1))[0]
-            x = x + self._mlp(index, self.post_norms[index](x))
-        hidden = x if all_logits else x[-1:]
-        return self._logits(hidden)
+            k_cache.index_copy_(0, rows[start:], k[0].transpose(0, 1))
+            v_cache.index_copy_(0, rows[start:], v[0].transpose(0, 1))
+            # Keys as one contiguous [1, kv_heads, T, head_dim] tensor either way:
+            # attention's kernel path depends on the layout, and so do its numbers.
+            prefix = rows[:start]
+            k = torch.cat([k_cache.index_select(0, prefix).transpose(0, 1)[None], k], dim=2)
+            v = torch.cat([v_cache.index_select(0, prefix).transpose(0, 1)[None], v], dim=2)
+            out = torch.cat([
+                F.scaled_dot_product_attention(
+                    q[:, :, lo - start : hi - start], k[:, :, :hi], v[:, :, :hi], attn_mask=mask,
+                    scale=self.scaling, enable_gqa=self.group > 1,
+                )
+                for (lo, hi), mask in zip(spans, masks, strict=True)
+            ], dim=2).transpose(1, 2).reshape(length, -1)
+            x = x + _chunked(self.o_proj[index].joint, out, chunk)
+            x = x + _chunked(partial(self._post_attention_rows, index), x, chunk)
+        if all_logits:
+            return _chunked(self._logits, x, chunk)
+        return self._logits(x[-1:])
 
     @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step for the sequences in slots `0..B-1`.
+    def decode(
+        self, cache: KVCache, token_ids: torch.Tensor, positions: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode step for a batch of sequences.
 
-        `token_ids` and `positions` are `[B]` long tensors: each sequence's
-        newest token and the cache position it goes to. Returns float32 logits
-        `[B, vocab]`.
+        `token_ids` is a `[B]` long tensor of each sequence's newest token,
+        `positions[i]` where it goes (the sequence's length so far) and
+        `block_tables[i]` the sequence's blocks, with room for it. Returns
+        float32 logits `[B, vocab]`.
         """
-        span = int(positions.max()) + 1
-        mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
-        return self._step(token_ids, positions, mask)
+        size = cache.block_size
+        keys: list[torch.Tensor | slice] = []
+        slots: list[int] = []
+        for table, position in zip(block_tables, positions, strict=True):
+            slots.append(table[position // size] * size + position % size)
+            first = table[0]
+            if table == list(range(first, first + len(table))):
+                # Blocks in a row (a sequence that grew alone): its keys are a view.
+                keys.append(slice(first * size, first * size + position + 1))
+            else:
+                keys.append(cache.slot_rows(table, position + 1))
+        write = torch.tensor(slots, dtype=torch.long, device=self.device)
+        at = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self._step(cache.k, cache.v, token_ids, at, write, keys)
 
     def compile_decode(self) -> None:
         """Run decode steps through `torch.compile` (inductor) from now on.
 
-        Batch size and attention span are dynamic dimensions, so one graph (and
-        one more for batch 1, which is specialised) serves every step; the
-        compilation itself happens on the first calls, which is why the caller
-        runs them at warm-up. `eager_decode` undoes it.
+        Batch size and attention spans are dynamic dimensions; the compilation
+        itself happens on the first calls, which is why the caller runs them
+        at warm-up. `eager_decode` undoes it.
         """
         self._step = torch.compile(self._decode_step, dynamic=True)
 
@@ -213,37 +273,43 @@ class LlamaRunner:
         """Decode steps without `torch.compile` (the default)."""
         self._step = self._decode_step
 
+    def _attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        keys: torch.Tensor | slice,
+    ) -> torch.Tensor:
+        """One sequence's decode attention: `q` `[kv_heads, group, head_dim]` over
+        its own keys, a run of slots or gathered from theirs (the same layout
+        either way, so the same numbers)."""
+        if isinstance(keys, slice):
+            k, v = k_cache[keys], v_cache[keys]
+        else:
+            k, v = k_cache.index_select(0, keys), v_cache.index_select(0, keys)
+        return F.scaled_dot_product_attention(
+            q, k.transpose(0, 1), v.transpose(0, 1), scale=self.scaling
+        )
+
     def _decode_step(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+        token_ids: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
+        keys: list[torch.Tensor | slice],
     ) -> torch.Tensor:
         batch = token_ids.shape[0]
-        span = mask.shape[-1]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * head_dim
         cos = self.cos[positions][:, None]
         sin = self.sin[positions][:, None]
-        # Where each (sequence, KV head) writes in a layer's cache seen as rows of
-        # head_dim: one index_copy_ per cache instead of a two-index index_put.
-        rows = (self.batch_index[:batch, None] * kv_heads + self.kv_head_index) * self.max_seq_len
-        rows = (rows + positions[:, None]).reshape(-1)
         x = self.embed(token_ids)
         for index in range(len(self.layers)):
             qkv = self.qkv[index].joint(self.input_norms[index](x))
             # q and k side by side take the rotary embedding in one pass.
             qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim)
             qk = qk * cos + _rotate_half(qk) * sin
-            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache.view(-1, head_dim).index_copy_(
-                0, rows, qk[:, heads:].reshape(batch * kv_heads, head_dim)
-            )
-            v_cache.view(-1, head_dim).index_copy_(
-                0, rows, qkv[:, qk_width:].reshape(batch * kv_heads, head_dim)
-            )
-            q = qk[:, :heads].reshape(batch, kv_heads, self.group, head_dim)
-            out = F.scaled_dot_product_attention(
-                q, k_cache[:batch, :, :span], v_cache[:batch, :, :span],
-                attn_mask=mask, scale=self.scaling,
-            )
+            k_cache, v_cache = k_caches[index], v_caches[index]
+            k_cache.index_copy_(0, write, qk[:, heads:])
+            v_cache.index_copy_(0, write, qkv[:, qk_width:].view(batch, kv_heads, head_dim))
+            q = qk[:, :heads].view(batch, kv_heads, self.group, head_dim)
+            outs = [self._attend(q[i], k_cache, v_cache, r) for i, r in enumerate(keys)]
+            out = outs[0] if batch == 1 else torch.cat(outs)
             x = x + self.o_proj[index](out.reshape(batch, -1))[0]
             x = x + self._mlp(index, self.post_norms[index](x))
         return self._logits(x)

@@ -8,9 +8,10 @@ polls it between steps, so no lock is needed on the hot path.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
+from server.engine.block_manager import Allocation, BlockManager
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import Choice, make_generator
 from server.engine.stop_strings import StopMatcher
@@ -38,15 +39,17 @@ class Sequence:
         self.sink = sink
         self.cancelled = False
         self.finished = False
-        self.slot = -1
+        self.block_ids: list[int] = []  # its KV blocks, in token order (the block table)
+        self.allocation: Allocation | None = None
         self.generator = make_generator(request.params.seed)
         self.stop_ids = frozenset(request.params.stop_token_ids) | (
             frozenset() if request.params.ignore_eos else eos_ids
         )
         self.prompt_len = len(request.prompt_ids)
         self.last_token = -1
-        self.cache_len = 0  # tokens already written to this sequence's KV cache slot
+        self.cache_len = 0  # tokens already written to this sequence's KV blocks
         self.completion_tokens = 0
+        self.output_ids: list[int] = []
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
         self._tokenizer = model.loaded.tokenizer
         self._detok = IncrementalDetokenizer(self._tokenizer, request.prompt_ids)
@@ -60,9 +63,26 @@ class Sequence:
         self._gaps: list[float] = []
 
     @property
-    def budget_tokens(self) -> int:
-        """Cache positions this sequence may need: what the batch token budget counts."""
-        return self.prompt_len + self.params.max_tokens
+    def blocks(self) -> BlockManager:
+        return self.model.pool.blocks
+
+    @property
+    def group(self) -> Hashable:
+        return self.model.version
+
+    @property
+    def reuse_prefix(self) -> bool:
+        return not self.request.prompt_logprobs
+
+    @property
+    def preempted(self) -> bool:
+        """Admitted before, its KV dropped to make room: its prefill recomputes."""
+        return bool(self.output_ids)
+
+    def prefill_tokens(self) -> list[int]:
+        """What the KV must hold before the next decode step: the prompt, and
+        after a preemption the output so far but its newest token (fed next)."""
+        return [*self.request.prompt_ids, *self.output_ids[:-1]]
 
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
@@ -88,6 +108,7 @@ class Sequence:
         self._last_token_time = now
         self.completion_tokens += 1
         self.last_token = choice.token_id
+        self.output_ids.append(choice.token_id)
         if choice.token_id in self.stop_ids:
             self._emit(self._stops.flush(), final=True)
             return "stop"

@@ -1,7 +1,8 @@
-"""A model ready for the engine: the loaded model, its runner and KV cache, warmed up.
+"""A model ready for the engine: the loaded model and its runner, warmed up.
 
-Building one allocates the cache and prepares the weights, and `warm_up` runs
-every decode batch size once (compiling the decode step first when asked), so
+Building one prepares the weights, and `warm_up` runs a prefill and every
+decode batch size once, on a private cache of a few blocks (the shared pool may
+be in use by the model being replaced) (compiling the decode step first when asked), so
 `swap_model` can do that work before the switch and the first request on the
 new model pays nothing.
 
@@ -18,6 +19,7 @@ model serves eagerly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Literal
@@ -25,11 +27,16 @@ from typing import Literal
 import torch
 
 from quantizers.loading import LoadedModel
+from server.engine.kv_cache import KVCache, KVPool
 from server.engine.llama_runner import LlamaRunner
 
 log = logging.getLogger("quantserve.engine")
 
 _WARMUP_PROMPT = 16
+_WARMUP_BLOCK = 16
+# Served models are numbered, never reused, so a prefix cached under one model
+# version can never be found by another.
+_versions = itertools.count()
 
 CompileMode = Literal["off", "on", "auto"]
 COMPILE_MODES: tuple[CompileMode, ...] = ("off", "on", "auto")
@@ -60,18 +67,20 @@ class ServedModel:
     """One model version as the engine runs it."""
 
     def __init__(
-        self, loaded: LoadedModel, *, max_batch: int, max_seq_len: int,
+        self, loaded: LoadedModel, *, max_num_seqs: int, max_model_len: int,
         compile: CompileMode = "off",
     ) -> None:
         self.loaded = loaded
-        self.max_seq_len = min(max_seq_len, loaded.context_length)
+        self.version = next(_versions)
+        self.max_num_seqs = max_num_seqs
+        self.max_seq_len = min(max_model_len, loaded.context_length)
         device = next(loaded.model.parameters()).device
         self.compile = should_compile(compile, device)
         started = time.perf_counter()
         self.runner = LlamaRunner(
-            loaded.model, max_batch=max_batch, max_seq_len=self.max_seq_len,
-            prepack=not self.compile,
+            loaded.model, max_seq_len=self.max_seq_len, prepack=not self.compile,
         )
+        self.pool: KVPool | None = None  # set by the worker before the model serves
         self.prepare_s = time.perf_counter() - started
         self.eos_ids = eos_token_ids(loaded)
         self.warmup_s = 0.0
@@ -100,13 +109,22 @@ class ServedModel:
     def compiled(self) -> bool:
         return self.compile and self.compile_error is None
 
+    def _warmup_cache(self) -> tuple[KVCache, list[int]]:
+        """A private cache with one sequence's worth of blocks for warm-up calls."""
+        blocks = -(-_WARMUP_PROMPT // _WARMUP_BLOCK) + 1
+        return KVCache(self.runner.kv_spec, blocks, _WARMUP_BLOCK), list(range(blocks))
+
     def _run_every_batch_size(self) -> None:
         runner = self.runner
+        cache, table = self._warmup_cache()
         prompt = [0] * min(_WARMUP_PROMPT, self.max_seq_len - 1)
-        runner.prefill(0, prompt)
-        for batch in range(1, runner.max_batch + 1):
-            positions = torch.full((batch,), len(prompt), dtype=torch.long)
-            runner.decode(torch.zeros(batch, dtype=torch.long), positions)
+        runner.prefill(cache, table, prompt)
+        half = len(prompt) // 2
+        runner.prefill(cache, table, prompt, start=half, chunk=half)  # after a cached prefix
+        for batch in range(1, self.max_num_seqs + 1):
+            # Every row writes the same slot: harmless, the cache is scratch.
+            tokens = torch.zeros(batch, dtype=torch.long, device=runner.device)
+            runner.decode(cache, tokens, [len(prompt)] * batch, [table] * batch)
 
     def _compile(self) -> None:
         """Compile the decode step on warm-up calls that cover batch 1 (its own
@@ -117,13 +135,14 @@ class ServedModel:
         """
         start = time.perf_counter()
         runner = self.runner
+        cache, table = self._warmup_cache()
         spans = sorted({2, min(_WARMUP_PROMPT, self.max_seq_len - 1)})
         try:
             runner.compile_decode()
-            for batch in sorted({1, min(2, runner.max_batch), runner.max_batch}):
+            for batch in sorted({1, min(2, self.max_num_seqs), self.max_num_seqs}):
                 for span in spans:
-                    positions = torch.full((batch,), span - 1, dtype=torch.long)
-                    runner.decode(torch.zeros(batch, dtype=torch.long), positions)
+                    tokens = torch.zeros(batch, dtype=torch.long, device=runner.device)
+                    runner.decode(cache, tokens, [span - 1] * batch, [table] * batch)
         except Exception as exc:  # compilation failing must not take the server down
             runner.eager_decode()
             self.compile_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -97,7 +97,13 @@ class EngineStats:
 
     running: int
     waiting: int
-    kv_cache_bytes: int
-    max_batch: int
+    kv_cache_bytes: int  # bytes of the KV blocks holding content (used or cached)
+    max_batch: int  # max_num_seqs
     total_finished: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # held by running sequences
+    kv_blocks_cached: int = 0  # held by none, kept for prefix reuse until evicted
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was found there
+    preemptions: int = 0
     extra: dict[str, float] = field(default_factory=dict)

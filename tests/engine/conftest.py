@@ -74,7 +74,7 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture
 def engine(loaded: LoadedModel) -> Iterator[Engine]:
-    engine = Engine(loaded, max_batch=8, max_batch_tokens=512, max_queue=16, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=8, max_model_len=512, max_queue=16, num_threads=1)
     engine.start()
     yield engine
     engine.shutdown(drain_timeout_s=5)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from quantizers.loading import LoadedModel
-from server.engine import Engine, Finish, TokenDelta
-from tests.engine.streams import collect, reference_greedy, request, run, run_all
+from server.engine import Engine, Finish, GenerationRequest, TokenDelta
+from server.engine.worker import CacheConfig
+from tests.engine.paged import block_bytes
+from tests.engine.streams import Result, collect, reference_greedy, request, run, run_all
 
 PROMPTS = [
     "Once upon a time",
@@ -74,7 +76,7 @@ def test_eight_streams_interleave_in_order(engine: Engine, loaded: LoadedModel) 
 
 
 def test_batch_is_bounded_and_excess_waits(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, max_batch=2, max_batch_tokens=512, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=2, max_model_len=512, num_threads=1)
     engine.start()
     peak = 0
 
@@ -102,24 +104,71 @@ def test_batch_is_bounded_and_excess_waits(loaded: LoadedModel) -> None:
     )
 
 
-def test_token_budget_limits_admission(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, max_batch=8, max_batch_tokens=120, num_threads=1)
+def _small_pool(
+    loaded: LoadedModel, blocks: int, *, prefix_caching: bool = True, **limits: int
+) -> Engine:
+    cache = CacheConfig(
+        kv_cache_bytes=block_bytes(loaded, 16) * blocks, block_size=16,
+        prefix_caching=prefix_caching,
+    )
+    engine = Engine(loaded, cache=cache, num_threads=1, **limits)
     engine.start()
+    return engine
+
+
+def _peak_running(engine: Engine, requests: list[GenerationRequest]) -> tuple[int, list[Result]]:
+    """Run `requests` together; the most sequences ever running at once (seen by
+    the engine thread after each admission, so no step is missed)."""
+    scheduler = engine._scheduler
+    admit = scheduler.admit
     peak = 0
 
-    async def main() -> None:
+    def counted() -> list:
         nonlocal peak
-        ids = loaded.tokenizer.encode("hello")
-        tasks = [
-            asyncio.ensure_future(collect(engine, request(ids, max_tokens=50, ignore_eos=True)))
-            for _ in range(4)
-        ]
-        while not all(t.done() for t in tasks):
-            peak = max(peak, engine.stats().running)
-            await asyncio.sleep(0)
+        admitted = admit()
+        peak = max(peak, len(scheduler.running))
+        return admitted
 
+    scheduler.admit = counted  # type: ignore[method-assign]
     try:
-        asyncio.run(main())
+        results = run_all(engine, requests)
+    finally:
+        scheduler.admit = admit  # type: ignore[method-assign]
+    return peak, results
+
+
+def test_free_blocks_limit_admission(loaded: LoadedModel) -> None:
+    """Sequences of 40 + 8 tokens take 3 blocks of 16 each: a pool of 8 admits two
+    at a time; the others wait (no error) and finish as they would alone."""
+    engine = _small_pool(loaded, 8, prefix_caching=False, max_num_seqs=8, max_model_len=120)
+    ids = [(7 * i) % 200 + 3 for i in range(40)]
+    requests = [request([v + k for v in ids], max_tokens=8, ignore_eos=True) for k in range(4)]
+    try:
+        alone = [run(engine, r).token_ids for r in requests]
+        peak, results = _peak_running(engine, requests)
+        stats = engine.stats()
     finally:
         engine.shutdown()
-    assert peak == 2  # each needs 5 + 50 cache positions: two fit in 120
+    assert peak == 2
+    assert [r.token_ids for r in results] == alone
+    assert stats.kv_blocks_total == 8 and stats.kv_blocks_used == 0
+
+
+def test_a_sequence_that_cannot_grow_preempts_the_newest(loaded: LoadedModel) -> None:
+    """Four 5-token prompts are admitted at once (one block each) but each grows
+    to 55 tokens (4 blocks) in a pool of 8: the newest are preempted, recomputed
+    later, and every output is what it is alone."""
+    engine = _small_pool(loaded, 8, max_num_seqs=8, max_model_len=120)
+    prompts = [loaded.tokenizer.encode(p) for p in ("hello", "one two", "abc", "x y z")]
+    requests = [request(p, max_tokens=50, ignore_eos=True) for p in prompts]
+    try:
+        alone = [run(engine, r).token_ids for r in requests]
+        assert engine.stats().preemptions == 0
+        peak, results = _peak_running(engine, requests)
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert peak == 4
+    assert stats.preemptions > 0
+    assert [r.token_ids for r in results] == alone
+    assert all(r.finish.completion_tokens == 50 for r in results)

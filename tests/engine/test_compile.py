@@ -28,7 +28,7 @@ def test_auto_compiles_on_cuda_only() -> None:
 
 
 def test_eager_engine_reports_no_compilation() -> None:
-    engine = Engine(make_loaded(), max_batch=2, max_batch_tokens=128, num_threads=1)
+    engine = Engine(make_loaded(), max_num_seqs=2, max_model_len=128, num_threads=1)
     engine.start()
     engine.shutdown()
     extra = engine.stats().extra
@@ -49,13 +49,13 @@ def test_compiled_decode_gives_the_eager_greedy_text() -> None:
     """float32 tiny model: inductor's fused kernels round differently from the
     eager ops, but not enough to change a greedy token."""
     loaded = make_loaded()
-    eager = Engine(loaded, max_batch=2, max_batch_tokens=256, num_threads=1)
+    eager = Engine(loaded, max_num_seqs=2, max_model_len=256, num_threads=1)
     eager.start()
     try:
         want_alone, want_batched = _greedy(eager)
     finally:
         eager.shutdown()
-    compiled = Engine(loaded, max_batch=2, max_batch_tokens=256, num_threads=1, compile="on")
+    compiled = Engine(loaded, max_num_seqs=2, max_model_len=256, num_threads=1, compile="on")
     compiled.start()
     try:
         extra = compiled.stats().extra
@@ -72,7 +72,7 @@ def test_compiled_decode_gives_the_eager_greedy_text() -> None:
 def test_failed_compilation_serves_eagerly(caplog: pytest.LogCaptureFixture) -> None:
     """No C++ compiler for inductor: a warning, then the eager step serves."""
     loaded = make_loaded()
-    engine = Engine(loaded, max_batch=2, max_batch_tokens=128, num_threads=1, compile="on")
+    engine = Engine(loaded, max_num_seqs=2, max_model_len=128, num_threads=1, compile="on")
     # Graphs compiled earlier in this process would be reused without calling
     # the compiler at all; forget them so this start really has to compile.
     torch._dynamo.reset()

@@ -130,7 +130,7 @@ def test_consumer_stopping_cancels_and_frees_the_slot(
 
 
 def test_full_queue_raises_overloaded(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, max_batch=1, max_batch_tokens=512, max_queue=2, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=1, max_model_len=512, max_queue=2, num_threads=1)
     engine.start()
     try:
         async def main() -> None:
@@ -154,7 +154,7 @@ def test_full_queue_raises_overloaded(loaded: LoadedModel) -> None:
 
 
 def test_shutdown_drains_then_refuses(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, max_batch=2, max_batch_tokens=512, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=2, max_model_len=512, num_threads=1)
     engine.start()
     results: list[Finish] = []
 
@@ -173,7 +173,7 @@ def test_shutdown_drains_then_refuses(loaded: LoadedModel) -> None:
 
 
 def test_shutdown_timeout_cancels_running(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, max_batch=2, max_batch_tokens=512, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=2, max_model_len=512, num_threads=1)
     engine.start()
     results: list[Finish] = []
 
@@ -214,7 +214,7 @@ def test_swap_model_keeps_running_requests_on_their_model(
 
 def test_bfloat16_model_serves(loaded: LoadedModel) -> None:
     bf16 = make_loaded(dtype=torch.bfloat16)
-    engine = Engine(bf16, max_batch=2, max_batch_tokens=256, num_threads=1)
+    engine = Engine(bf16, max_num_seqs=2, max_model_len=256, num_threads=1)
     engine.start()
     try:
         ids = prompt_ids(bf16)

@@ -14,6 +14,7 @@ from quantizers.runtime.int8 import Int8WeightOnlyLinear
 from server.engine.llama_runner import LlamaRunner
 from server.engine.projections import PackedLinear, Projection, can_prepack
 from tests.engine.conftest import make_loaded
+from tests.engine.paged import scratch_cache
 
 VARIANTS = [
     ("float32", None, None),
@@ -47,23 +48,27 @@ def _model(dtype: str, method: str | None, config: dict | None, wide: bool = Tru
 def _steps(runner: LlamaRunner) -> list[torch.Tensor]:
     """Prefill three sequences of different lengths, then four batched decode steps."""
     prompts = [[5, 17, 99, 3, 42, 7], [8, 1], [250, 251, 252, 11]]
-    outputs = [runner.prefill(slot, p, all_logits=True) for slot, p in enumerate(prompts)]
-    positions = torch.tensor([len(p) for p in prompts])
+    cache, tables = scratch_cache(runner, len(prompts), 16)
+    outputs = [
+        runner.prefill(cache, table, p, all_logits=True)
+        for table, p in zip(tables, prompts, strict=True)
+    ]
+    positions = [len(p) for p in prompts]
     tokens = torch.tensor([1, 2, 3])
     for _ in range(4):
-        logits = runner.decode(tokens, positions)
+        logits = runner.decode(cache, tokens, positions, tables)
         outputs.append(logits)
         tokens = logits.argmax(-1)
-        positions = positions + 1
-    single = runner.decode(tokens[:1], positions[:1])
+        positions = [p + 1 for p in positions]
+    single = runner.decode(cache, tokens[:1], positions[:1], tables[:1])
     return [*outputs, single]
 
 
 @pytest.mark.parametrize(("dtype", "method", "config"), VARIANTS)
 def test_prepared_runner_is_exact(dtype: str, method: str | None, config: dict | None) -> None:
     model = _model(dtype, method, config)
-    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    reference = LlamaRunner(model, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_seq_len=64)
     assert all(p.prepared is not None for p in [*prepared.qkv, *prepared.gate_up])
     assert prepared.prepared_weight_bytes > 0
     assert reference.prepared_weight_bytes == 0
@@ -75,8 +80,8 @@ def test_int4_rows_that_do_not_concatenate_stay_unfused_and_exact() -> None:
     """k/v with 32 outputs: concatenated packed rows would compute garbage; the
     one-off exactness check must catch that and keep the modules separate."""
     model = _model("bfloat16", "int4", {"group_size": 32}, wide=False)
-    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    reference = LlamaRunner(model, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_seq_len=64)
     assert all(p.prepared is None for p in prepared.qkv)
     assert all(p.prepared is not None for p in prepared.gate_up)
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
@@ -99,8 +104,8 @@ def test_biased_qkv_fuse_exactly(method: str | None) -> None:
     if method is not None:
         quantize(model, method)
     assert model.model.layers[0].self_attn.q_proj.bias is not None
-    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    reference = LlamaRunner(model, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_seq_len=64)
     assert all(p.prepared is not None for p in prepared.qkv)
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)
@@ -113,7 +118,7 @@ def test_bf16_projections_are_prepacked_and_a_tied_head_beside_the_embedding() -
     """A head tied to the embedding is packed but left in the model, since the
     embedding lookup still needs its plain weight: that copy is the extra."""
     model = _model("bfloat16", None, None)
-    runner = LlamaRunner(model, max_batch=1, max_seq_len=16)
+    runner = LlamaRunner(model, max_seq_len=16)
     single = [*runner.o_proj, *runner.down, runner.lm_head]
     assert all(isinstance(p.prepared, PackedLinear) for p in [*runner.qkv, *single])
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -142,8 +147,8 @@ def test_bitsandbytes_modules_run_unfused_and_exact(method: str) -> None:
     concatenate: its projections must stay separate (a fused copy computed 576
     outputs and was reshaped as 960 on SmolLM2)."""
     model = _model("bfloat16", method, None)
-    reference = LlamaRunner(model, max_batch=3, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_batch=3, max_seq_len=64)
+    reference = LlamaRunner(model, max_seq_len=64, prepare=False)
+    prepared = LlamaRunner(model, max_seq_len=64)
     assert all(p.prepared is None for p in [*prepared.qkv, *prepared.gate_up])
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)

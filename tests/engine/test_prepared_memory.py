@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from quantizers.loading import weight_bytes
 from server.engine.llama_runner import LlamaRunner
 from server.engine.projections import FusedPart, PackedLinear
+from tests.engine.paged import scratch_cache
 from tests.engine.test_prepared import VARIANTS, _model
 
 # Concatenated biases and the packed weights' one-element stand-ins.
@@ -53,7 +54,7 @@ def test_preparation_frees_what_it_replaces(
     reported = weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
     originals = [weakref.ref(t) for t in _tensors(model)]
-    runner = LlamaRunner(model, max_batch=2, max_seq_len=32)
+    runner = LlamaRunner(model, max_seq_len=32)
     gc.collect()
     assert all(p.prepared is not None for p in [*runner.qkv, *runner.gate_up])
     kept = {id(t) for t in _tensors(model)}
@@ -73,7 +74,7 @@ def test_preparation_frees_what_it_replaces(
 def test_replaced_modules_held_elsewhere_are_reported_as_extra_bytes() -> None:
     model = _model("bfloat16", "int8", None)
     held = model.model.layers[0].self_attn.q_proj
-    runner = LlamaRunner(model, max_batch=1, max_seq_len=16)
+    runner = LlamaRunner(model, max_seq_len=16)
     assert runner.prepared_weight_bytes == sum(t.numel() * t.element_size() for t in _tensors(held))
     del held
     gc.collect()
@@ -88,7 +89,7 @@ def test_model_forward_is_unchanged_by_preparation(
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
     with torch.inference_mode():
         want = model(ids).logits
-        LlamaRunner(model, max_batch=1, max_seq_len=16)
+        LlamaRunner(model, max_seq_len=16)
         got = model(ids).logits
     assert isinstance(model.model.layers[0].self_attn.q_proj, FusedPart)
     assert torch.equal(want, got)
@@ -98,8 +99,11 @@ def test_second_runner_on_a_prepared_model_runs_the_installed_modules() -> None:
     """The installed parts are not fused again (they are not plain linears);
     the second runner calls them one by one and computes the same numbers."""
     model = _model("bfloat16", None, None)
-    first = LlamaRunner(model, max_batch=1, max_seq_len=16)
-    second = LlamaRunner(model, max_batch=1, max_seq_len=16)
+    first = LlamaRunner(model, max_seq_len=16)
+    second = LlamaRunner(model, max_seq_len=16)
     assert all(p.prepared is None for p in [*second.qkv, *second.gate_up])
     assert second.prepared_weight_bytes == first.prepared_weight_bytes  # each packs the tied head
-    assert torch.equal(first.prefill(0, [1, 2, 3]), second.prefill(0, [1, 2, 3]))
+    cache, tables = scratch_cache(first, 1, 3)
+    prompt = [1, 2, 3]
+    table = tables[0]
+    assert torch.equal(first.prefill(cache, table, prompt), second.prefill(cache, table, prompt))

@@ -29,7 +29,7 @@ def test_quantized_model_batches_with_its_kernels(method: str, config: dict | No
         calls += 1
 
     hooks = [m.register_forward_hook(count) for m in kernel_modules]
-    engine = Engine(loaded, max_batch=4, max_batch_tokens=512, num_threads=1)
+    engine = Engine(loaded, max_num_seqs=4, max_model_len=512, num_threads=1)
     engine.start()
     try:
         requests = [

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(model_dir: Path) -> Iterator[Engine]:
-    engine = Engine(load_model(model_dir), max_batch=4, max_batch_tokens=256, max_queue=8,
+    engine = Engine(load_model(model_dir), max_num_seqs=4, max_model_len=256, max_queue=8,
                     num_threads=1)
     engine.start()
     yield engine

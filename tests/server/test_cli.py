@@ -62,9 +62,37 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from server.cli import build_parser, settings_from_args
 
     monkeypatch.setenv("QUANTSERVE_PORT", "9001")
-    monkeypatch.setenv("QUANTSERVE_MAX_BATCH", "3")
+    monkeypatch.setenv("QUANTSERVE_MAX_NUM_SEQS", "3")
     args = build_parser().parse_args(["serve", "--port", "9002"])
-    settings: Settings = settings_from_args(args, ["port", "max_batch"])
+    settings: Settings = settings_from_args(args, ["port", "max_num_seqs"])
     assert settings.port == 9002
-    assert settings.max_batch == 3
+    assert settings.max_num_seqs == 3
     assert settings.host == "127.0.0.1"  # binds loopback unless told otherwise
+
+
+def test_old_limit_names_still_work_with_a_deprecation_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.cli import build_parser, settings_from_args
+
+    monkeypatch.setenv("QUANTSERVE_MAX_BATCH", "3")
+    args = build_parser().parse_args(["serve", "--max-batch-tokens", "1024"])
+    with pytest.warns(FutureWarning) as caught:
+        settings: Settings = settings_from_args(args, ["max_batch_tokens"])
+    messages = sorted(str(w.message).split(" is ")[0] for w in caught)
+    assert messages == ["max_batch (QUANTSERVE_MAX_BATCH)",
+                        "max_batch_tokens (QUANTSERVE_MAX_BATCH_TOKENS)"]
+    assert settings.max_num_seqs == 3
+    assert settings.max_model_len == 1024
+    assert settings.max_num_batched_tokens == 1024
+    # The new name wins when both are given.
+    monkeypatch.setenv("QUANTSERVE_MAX_NUM_SEQS", "5")
+    with pytest.warns(FutureWarning, match="max_batch .*max_num_seqs"):
+        assert Settings().max_num_seqs == 5
+
+
+def test_a_step_must_fit_one_sequence() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_num_batched_tokens"):
+        Settings(max_model_len=2048, max_num_batched_tokens=1024)

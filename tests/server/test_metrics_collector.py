@@ -34,7 +34,11 @@ def scrape(app: FastAPI) -> Callable[[], dict]:
 def test_engine_snapshot_and_model_facts(app: FastAPI, scrape) -> None:
     loaded = tiny_loaded_model("tiny-a", quality=QUALITY)
     app.state.engine = SnapshotEngine(
-        loaded, EngineStats(running=3, waiting=5, kv_cache_bytes=4096, max_batch=8))
+        loaded, EngineStats(
+            running=3, waiting=5, kv_cache_bytes=4096, max_batch=8, kv_blocks_total=100,
+            kv_blocks_used=7, kv_blocks_cached=5, prefix_cache_queries=640,
+            prefix_cache_hits=512, preemptions=2,
+        ))
     parsed = scrape()
     labels = {"model": "tiny-a", "quantization": "float"}
     assert value(parsed, "quantserve_requests_running", **labels) == 3
@@ -42,6 +46,12 @@ def test_engine_snapshot_and_model_facts(app: FastAPI, scrape) -> None:
     assert value(parsed, "quantserve_kv_cache_bytes", **labels) == 4096
     assert value(parsed, "quantserve_max_batch", **labels) == 8
     assert value(parsed, "quantserve_model_weight_bytes", **labels) == loaded.weight_bytes
+    assert value(parsed, "quantserve_kv_cache_blocks", state="total", **labels) == 100
+    assert value(parsed, "quantserve_kv_cache_blocks", state="used", **labels) == 7
+    assert value(parsed, "quantserve_kv_cache_blocks", state="cached", **labels) == 5
+    assert value(parsed, "quantserve_prefix_cache_queries_total", **labels) == 640
+    assert value(parsed, "quantserve_prefix_cache_hits_total", **labels) == 512
+    assert value(parsed, "quantserve_preemptions_total", **labels) == 2
     assert value(parsed, "quantserve_model_parameters", **labels) == loaded.param_count
     assert value(parsed, "quantserve_model_weight_bytes_per_parameter", **labels) == 4.0
     assert value(parsed, "quantserve_model_info", dtype="float32", device="cpu", **labels) == 1

@@ -1,0 +1,112 @@
+"""The paged KV cache: one pool of fixed-size blocks shared by the running sequences.
+
+Per layer, keys and values are `[num_blocks * block_size, kv_heads, head_dim]`
+tensors (one row of head_dim per token and KV head), so a token's slot is
+`block * block_size + offset` and a sequence's keys are gathered by its slot
+list. All layers live in one allocation: on CPU it is large enough to be
+mapped fresh from the operating system, whose pages only become resident when
+a block is first written, so an idle server does not pay for its pool.
+
+A `KVPool` pairs the tensors with the `BlockManager` that hands their blocks
+out. Models whose cache shape (layers, KV heads, head size, dtype, device)
+match share one pool: a swap to another variant of the same model reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.block_manager import BlockManager
+
+CPU_DEFAULT_KV_CACHE_BYTES = 512 << 20
+# Prefill runs in chunks of about this many tokens (a whole number of blocks):
+# long enough for the matmuls to run near full speed, short enough that a
+# cached prefix is reused to within one chunk.
+PREFILL_CHUNK_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """The shape of one token's KV across the model: what decides pool sharing."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def block_bytes(self, block_size: int) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.layers * block_size * self.kv_heads * self.head_dim * element
+
+
+def pool_bytes(
+    spec: KVSpec, kv_cache_bytes: int | None, gpu_memory_utilization: float
+) -> int:
+    """The pool's size: the operator's budget, else on CUDA a share of the free
+    device memory (the model is loaded by now), else a fixed CPU default."""
+    if kv_cache_bytes is not None:
+        return kv_cache_bytes
+    if spec.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(spec.device)
+        return int(free * gpu_memory_utilization)
+    return CPU_DEFAULT_KV_CACHE_BYTES
+
+
+class KVCache:
+    """Key and value slots for `num_blocks` blocks of every layer."""
+
+    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        # Uninitialised on purpose: attention only ever reads slots already written.
+        storage = torch.empty(
+            (2, spec.layers, slots, spec.kv_heads, spec.head_dim),
+            dtype=spec.dtype, device=spec.device,
+        )
+        self.k = list(storage[0].unbind(0))
+        self.v = list(storage[1].unbind(0))
+        self.nbytes = storage.numel() * storage.element_size()
+
+    def slot_rows(self, block_ids: list[int], length: int) -> torch.Tensor:
+        """Slots of a sequence's first `length` tokens, in order."""
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.spec.device)
+        offsets = torch.arange(self.block_size, device=self.spec.device)
+        return (blocks[:, None] * self.block_size + offsets).reshape(-1)[:length]
+
+
+@dataclass
+class KVPool:
+    cache: KVCache
+    blocks: BlockManager
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The prefill chunk: prefix reuse and prefill chunks share their boundaries."""
+        return self.blocks.reuse_unit * self.blocks.block_size
+
+    @classmethod
+    def create(
+        cls, spec: KVSpec, *, budget_bytes: int, block_size: int, prefix_caching: bool = True
+    ) -> KVPool:
+        num_blocks = budget_bytes // spec.block_bytes(block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"a KV cache of {budget_bytes} bytes holds no block of {block_size} tokens "
+                f"({spec.block_bytes(block_size)} bytes)"
+            )
+        reuse_unit = max(1, PREFILL_CHUNK_TOKENS // block_size)
+        return cls(
+            KVCache(spec, num_blocks, block_size),
+            BlockManager(
+                num_blocks, block_size, prefix_caching=prefix_caching, reuse_unit=reuse_unit
+            ),
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        return self.cache.spec.block_bytes(self.cache.block_size)

@@ -1,0 +1,131 @@
+"""The worker: owns the served model, the KV block pool and the runner calls.
+
+The scheduler decides which sequences run; the worker runs them: a prefill
+writes a newly admitted sequence's prompt (past its cached prefix) into its
+blocks, a decode step advances a batch by one token. It knows nothing of
+queues, sampling or streaming.
+
+A new model (a swap) gets the current pool when its KV has the same shape, so
+a variant of the served model costs no second cache; otherwise it gets a pool
+of its own, and the old one is freed with the last sequence that uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from quantizers.loading import LoadedModel
+from server.engine.block_manager import Allocation, BlockStats
+from server.engine.kv_cache import KVPool, pool_bytes
+from server.engine.served_model import CompileMode, ServedModel
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the KV pool is sized and cut into blocks."""
+
+    kv_cache_bytes: int | None = None  # None: a default for the device (kv_cache.pool_bytes)
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    prefix_caching: bool = True
+
+
+class Running(Protocol):
+    """What the worker reads of a sequence."""
+
+    model: ServedModel
+    block_ids: list[int]
+    cache_len: int
+    last_token: int
+    allocation: Allocation | None
+
+    @property
+    def group(self) -> Hashable: ...
+
+    def prefill_tokens(self) -> list[int]: ...
+
+
+class Worker:
+    def __init__(
+        self, loaded: LoadedModel, *, max_num_seqs: int, max_model_len: int,
+        cache: CacheConfig, compile: CompileMode = "off",
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.cache = cache
+        self.compile: CompileMode = compile
+        self.active = self.build(loaded, None)
+
+    def build(self, loaded: LoadedModel, current: ServedModel | None) -> ServedModel:
+        """A served model for `loaded` with its pool: `current`'s when shapes allow."""
+        served = ServedModel(
+            loaded, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+            compile=self.compile,
+        )
+        spec = served.runner.kv_spec
+        shared = current.pool if current is not None else None
+        if shared is not None and shared.cache.spec == spec:
+            served.pool = shared
+        else:
+            budget = pool_bytes(spec, self.cache.kv_cache_bytes, self.cache.gpu_memory_utilization)
+            served.pool = KVPool.create(
+                spec, budget_bytes=budget, block_size=self.cache.block_size,
+                prefix_caching=self.cache.prefix_caching,
+            )
+        capacity = served.pool.cache.num_blocks * served.pool.cache.block_size
+        if capacity < served.max_seq_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens, fewer than one sequence may need "
+                f"(max_model_len {served.max_seq_len}); raise kv_cache_bytes or lower "
+                "max_model_len"
+            )
+        return served
+
+    def pools(self, models: list[ServedModel]) -> list[KVPool]:
+        """The distinct pools of `models` (two only while a swap drains)."""
+        found: dict[int, KVPool] = {}
+        for model in models:
+            if model.pool is not None:
+                found[id(model.pool)] = model.pool
+        return list(found.values())
+
+    @staticmethod
+    def block_stats(pools: list[KVPool]) -> BlockStats:
+        stats = [p.blocks.stats() for p in pools]
+        return BlockStats(
+            total=sum(s.total for s in stats), used=sum(s.used for s in stats),
+            cached=sum(s.cached for s in stats),
+            prefix_queries=sum(s.prefix_queries for s in stats),
+            prefix_hits=sum(s.prefix_hits for s in stats),
+        )
+
+    def prefill(self, sequence: Running, *, all_logits: bool) -> torch.Tensor:
+        """Compute an admitted sequence's KV past its cached prefix; logits as the
+        runner returns them. Its full prompt blocks are then offered for reuse."""
+        allocation = sequence.allocation
+        assert allocation is not None, "prefill of a sequence the scheduler did not admit"
+        pool = sequence.model.pool
+        assert pool is not None
+        tokens = sequence.prefill_tokens()
+        logits = sequence.model.runner.prefill(
+            pool.cache, sequence.block_ids, tokens, start=allocation.cached_tokens,
+            chunk=pool.chunk_tokens, all_logits=all_logits,
+        )
+        pool.blocks.publish(allocation)
+        sequence.cache_len = len(tokens)
+        return logits
+
+    def decode(self, batch: list[Running]) -> torch.Tensor:
+        """One token for every sequence of `batch` (one model); float32 logits `[B, vocab]`."""
+        served = batch[0].model
+        pool = served.pool
+        assert pool is not None
+        runner = served.runner
+        tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=runner.device)
+        return runner.decode(
+            pool.cache, tokens, [s.cache_len for s in batch], [s.block_ids for s in batch]
+        )
