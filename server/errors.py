@@ -84,10 +84,17 @@ def error_response(
     return _render(err)
 
 
+def _utf8(text: str | None) -> str | None:
+    """A message may quote client input holding a lone surrogate, which no
+    UTF-8 body can carry: replace it rather than fail the error response."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _render(err: APIError) -> JSONResponse:
     record_error(err.code or err.type, err.status)
     body = ErrorResponse(
-        error=ErrorDetail(message=err.message, type=err.type, param=err.param, code=err.code)
+        error=ErrorDetail(message=_utf8(err.message) or "", type=err.type,
+                          param=_utf8(err.param), code=err.code)
     )
     return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)
 
