@@ -331,8 +331,9 @@ class Engine:
     def _step(self) -> None:
         running = self._running
         served = running[0].model
-        tokens = torch.tensor([s.last_token for s in running], dtype=torch.long)
-        positions = torch.tensor([s.cache_len for s in running], dtype=torch.long)
+        device = served.runner.device
+        tokens = torch.tensor([s.last_token for s in running], dtype=torch.long, device=device)
+        positions = torch.tensor([s.cache_len for s in running], dtype=torch.long, device=device)
         try:
             logits = served.runner.decode(tokens, positions)
             choices = choose_tokens(

@@ -105,8 +105,8 @@ class ServedModel:
         prompt = [0] * min(_WARMUP_PROMPT, self.max_seq_len - 1)
         runner.prefill(0, prompt)
         for batch in range(1, runner.max_batch + 1):
-            positions = torch.full((batch,), len(prompt), dtype=torch.long)
-            runner.decode(torch.zeros(batch, dtype=torch.long), positions)
+            positions = torch.full((batch,), len(prompt), dtype=torch.long, device=runner.device)
+            runner.decode(torch.zeros_like(positions), positions)
 
     def _compile(self) -> None:
         """Compile the decode step on warm-up calls that cover batch 1 (its own
@@ -122,8 +122,10 @@ class ServedModel:
             runner.compile_decode()
             for batch in sorted({1, min(2, runner.max_batch), runner.max_batch}):
                 for span in spans:
-                    positions = torch.full((batch,), span - 1, dtype=torch.long)
-                    runner.decode(torch.zeros(batch, dtype=torch.long), positions)
+                    positions = torch.full(
+                        (batch,), span - 1, dtype=torch.long, device=runner.device
+                    )
+                    runner.decode(torch.zeros_like(positions), positions)
         except Exception as exc:  # compilation failing must not take the server down
             runner.eager_decode()
             self.compile_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -52,7 +52,7 @@ def serve(loaded: LoadedModel, virtual: bool) -> Outputs:
         engine.shutdown()
 
 
-def assert_same_outputs(virtual: Outputs, cpu: Outputs) -> None:
+def assert_same_outputs(virtual: Outputs, cpu: Outputs, tolerance: float) -> None:
     batched, scored = virtual
     batched_cpu, scored_cpu = cpu
     for result in (*batched, scored):
@@ -61,19 +61,20 @@ def assert_same_outputs(virtual: Outputs, cpu: Outputs) -> None:
     assert scored.token_ids == scored_cpu.token_ids
     logprobs = [lp.logprob for d in scored.deltas for lp in d.logprobs]
     logprobs_cpu = [lp.logprob for d in scored_cpu.deltas for lp in d.logprobs]
-    assert logprobs == pytest.approx(logprobs_cpu, abs=1e-4)
+    assert logprobs == pytest.approx(logprobs_cpu, abs=tolerance, rel=tolerance)
     prompt = [e.logprob for e in scored.finish.prompt_logprobs[1:]]
     prompt_cpu = [e.logprob for e in scored_cpu.finish.prompt_logprobs[1:]]
-    assert prompt == pytest.approx(prompt_cpu, abs=1e-4)
+    assert prompt == pytest.approx(prompt_cpu, abs=tolerance, rel=tolerance)
 
 
 def test_float_model_serves_on_another_device() -> None:
-    assert_same_outputs(serve(make_loaded(), virtual=True), serve(make_loaded(), virtual=False))
+    cpu = serve(make_loaded(), virtual=False)
+    assert_same_outputs(serve(make_loaded(), virtual=True), cpu, tolerance=1e-4)
 
 
 @pytest.mark.parametrize(
     ("method", "config"),
-    [("int8", None), ("int4", {"group_size": 32}), ("w8a8", None)],
+    [("int8", None), ("int4", {"group_size": 32}), ("w8a8-dynamic", None)],
 )
 def test_quantized_model_serves_on_another_device(method: str, config: dict | None) -> None:
     def quantized() -> LoadedModel:
@@ -81,4 +82,8 @@ def test_quantized_model_serves_on_another_device(method: str, config: dict | No
         loaded.quantization = quantize(loaded.model, method, config).to_dict()
         return loaded
 
-    assert_same_outputs(serve(quantized(), virtual=True), serve(quantized(), virtual=False))
+    # bf16 activations, and off the CPU the int8 module takes its dequantising
+    # path (the one CUDA runs) and attention its math path: logprobs agree to
+    # bf16 rounding, greedy tokens exactly.
+    cpu = serve(quantized(), virtual=False)
+    assert_same_outputs(serve(quantized(), virtual=True), cpu, tolerance=0.1)
