@@ -31,10 +31,22 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+from torch.utils.backend_registration import (
+    _DummyBackendModule,
+    _setup_privateuseone_for_python_backend,
+)
+
+
+class _Unavailable(_DummyBackendModule):
+    """vgpu is no accelerator: FakeTensorMode must keep treating this machine as
+    one without any (it would otherwise constant-fold fake CUDA moves for real)."""
+
+    def is_available(self) -> bool:
+        return False
+
 
 if torch._C._get_privateuse1_backend_name() != "vgpu":
-    _setup_privateuseone_for_python_backend("vgpu")
+    _setup_privateuseone_for_python_backend("vgpu", backend_module=_Unavailable())
 
 VIRTUAL = torch.device("vgpu", 0)
 
