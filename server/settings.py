@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`.")
     num_threads: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="Fraction of a CUDA device's memory the server may use; the KV cache "
+        "gets what the weights and warm-up leave of it (vLLM's setting). Ignored on CPU.",
+    )
     compile: Literal["off", "on", "auto"] = Field(
         default="auto",
         description="torch.compile of the decode step at start-up / swap: `auto` compiles "

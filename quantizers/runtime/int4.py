@@ -228,7 +228,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         scales, zeros = [], []
         for scales_and_zeros in (self.scales_and_zeros, self.tail_scales_and_zeros):
             if scales_and_zeros is not None:
-                scale, zero = split_scales_and_zeros(scales_and_zeros.cpu())
+                scale, zero = split_scales_and_zeros(scales_and_zeros)
                 scales.append(scale)
                 zeros.append(zero)
         q = torch.cat(list(self._codes().values()), 1)

@@ -44,9 +44,17 @@ class _Unavailable(_DummyBackendModule):
     def is_available(self) -> bool:
         return False
 
+    def get_amp_supported_dtype(self) -> list[torch.dtype]:
+        """What `torch.autocast("vgpu", ...)` (calibration passes) may cast to."""
+        return [torch.bfloat16, torch.float16]
+
 
 if torch._C._get_privateuse1_backend_name() != "vgpu":
     _setup_privateuseone_for_python_backend("vgpu", backend_module=_Unavailable())
+    # autocast regions (calibration passes) run uncast on vgpu: devices are
+    # what is checked here, not mixed precision.
+    _AUTOCAST = torch.library.Library("_", "IMPL")  # held by the module: the fallback lives on
+    _AUTOCAST.fallback(torch.library.fallthrough_kernel, dispatch_key="AutocastPrivateUse1")
 
 VIRTUAL = torch.device("vgpu", 0)
 
@@ -78,6 +86,9 @@ class OnVirtual(torch.Tensor):
 
     def tolist(self) -> Any:  # torch refuses .tolist() on tensor subclasses
         return self.elem.tolist()
+
+    def untyped_storage(self) -> torch.UntypedStorage:  # a wrapper has none of its own
+        return self.elem.untyped_storage()
 
     @classmethod
     def __torch_dispatch__(
