@@ -153,6 +153,7 @@ class Engine:
                 "warmup_seconds": self._active.warmup_s,
                 "compile_seconds": self._active.compile_s,
                 "decode_compiled": float(self._active.compiled),
+                "decode_cuda_graphs": float(self._active.runner.cuda_graphs),
                 "prepared_weight_bytes": float(self._active.runner.prepared_weight_bytes),
                 "num_threads": float(self.num_threads),
             },

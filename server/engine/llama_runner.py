@@ -57,6 +57,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def buckets(limit: int, first: int) -> tuple[int, ...]:
+    """Powers of two from `first` below `limit`, then `limit`: the padded sizes of
+    a dimension that CUDA graphs (one graph per shape) are captured for."""
+    sizes = []
+    size = first
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, limit)
+
+
 class LlamaRunner:
     """Runs prefill and batched decode for one model with its own KV cache."""
 
@@ -126,6 +137,9 @@ class LlamaRunner:
         self.kv_head_index = torch.arange(self.num_kv_heads, device=self.device)[None]
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
+        # (batch sizes, attention spans) decode steps are padded to, when set
+        self.shape_buckets: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self.cuda_graphs = False
 
     @property
     def prepared_weight_bytes(self) -> int:
@@ -195,23 +209,62 @@ class LlamaRunner:
         newest token and the cache position it goes to. Returns float32 logits
         `[B, vocab]`.
         """
+        batch = token_ids.shape[0]
         span = int(positions.max()) + 1
+        if self.shape_buckets is not None:
+            token_ids, positions, span = self._padded(token_ids, positions, span)
         mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
-        return self._step(token_ids, positions, mask)
+        if not self.cuda_graphs:
+            return self._step(token_ids, positions, mask)[:batch]
+        # A new replay: the previous step's outputs (already consumed) may be
+        # overwritten; the logits are copied out of the graph's memory.
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._step(token_ids, positions, mask)[:batch].clone()
 
-    def compile_decode(self) -> None:
+    def _padded(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Batch and span rounded up to their buckets. Padding rows decode token 0
+        at position 0 of the free slots after the running ones (a free slot's
+        cache is rewritten by the prefill that takes it); padded key positions
+        are masked."""
+        batches, spans = self.shape_buckets or ((), ())
+        rows = next(b for b in batches if b >= token_ids.shape[0])
+        extra = rows - token_ids.shape[0]
+        if extra:
+            token_ids = F.pad(token_ids, (0, extra))
+            positions = F.pad(positions, (0, extra))
+        return token_ids, positions, next(s for s in spans if s >= span)
+
+    def compile_decode(self, cuda_graphs: bool = False) -> None:
         """Run decode steps through `torch.compile` (inductor) from now on.
 
         Batch size and attention span are dynamic dimensions, so one graph (and
         one more for batch 1, which is specialised) serves every step; the
         compilation itself happens on the first calls, which is why the caller
         runs them at warm-up. `eager_decode` undoes it.
+
+        `cuda_graphs` (CUDA only): inductor's "reduce-overhead" mode replays
+        each step as one CUDA graph, removing the ~200 kernel launches per step
+        that bound decode of a small model. A graph has fixed shapes, so steps
+        are padded to `shape_buckets` and the caller must run every bucket at
+        warm-up: that captures the graphs then, never on a request. The KV
+        caches are marked as static addresses, which lets the graphs write them.
         """
-        self._step = torch.compile(self._decode_step, dynamic=True)
+        if not cuda_graphs:
+            self._step = torch.compile(self._decode_step, dynamic=True)
+            return
+        for cache in (*self.k_cache, *self.v_cache):
+            torch._dynamo.mark_static_address(cache)
+        self.shape_buckets = (buckets(self.max_batch, 1), buckets(self.max_seq_len, 64))
+        self.cuda_graphs = True
+        self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=True)
 
     def eager_decode(self) -> None:
         """Decode steps without `torch.compile` (the default)."""
         self._step = self._decode_step
+        self.shape_buckets = None
+        self.cuda_graphs = False
 
     def _decode_step(
         self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

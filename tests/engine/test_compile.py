@@ -10,8 +10,9 @@ import torch
 import torch._inductor.config as inductor_config
 
 from server.engine import Engine
+from server.engine.llama_runner import LlamaRunner, buckets
 from server.engine.served_model import should_compile
-from tests.engine.conftest import make_loaded
+from tests.engine.conftest import VOCAB, make_loaded
 from tests.engine.streams import request, run, run_all
 
 PROMPTS = ["Once upon a time", "def main():"]
@@ -89,3 +90,29 @@ def test_failed_compilation_serves_eagerly(caplog: pytest.LogCaptureFixture) -> 
     finally:
         engine.shutdown()
     assert result.finish.completion_tokens == 5
+
+
+def test_shape_buckets_are_powers_of_two_up_to_the_limit() -> None:
+    assert buckets(8, 1) == (1, 2, 4, 8)
+    assert buckets(6, 1) == (1, 2, 4, 6)
+    assert buckets(4096, 64) == (64, 128, 256, 512, 1024, 2048, 4096)
+    assert buckets(32, 64) == (32,)
+
+
+def test_decode_padded_to_graph_shapes_gives_the_same_logits() -> None:
+    """What CUDA-graph decoding runs, on the eager step: 3 sequences padded to a
+    batch of 4 and a span of 64 give the logits of the unpadded step."""
+    plain = LlamaRunner(make_loaded().model, max_batch=4, max_seq_len=128)
+    padded = LlamaRunner(make_loaded().model, max_batch=4, max_seq_len=128)
+    padded.shape_buckets = (buckets(4, 1), buckets(128, 64))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    for runner in (plain, padded):
+        for slot, prompt in enumerate(prompts):
+            runner.prefill(slot, prompt)
+    tokens = torch.tensor([1, 2, 3])
+    positions = torch.tensor([len(p) for p in prompts])
+    for _ in range(3):
+        want, got = plain.decode(tokens, positions), padded.decode(tokens, positions)
+        assert got.shape == want.shape == (3, VOCAB)
+        torch.testing.assert_close(got, want)
+        tokens, positions = want.argmax(-1), positions + 1
