@@ -249,13 +249,16 @@ class LlamaRunner:
         that bound decode of a small model. A graph has fixed shapes, so steps
         are padded to `shape_buckets` and the caller must run every bucket at
         warm-up: that captures the graphs then, never on a request. The KV
-        caches are marked as static addresses, which lets the graphs write them.
+        caches and the runner's tables are marked as static addresses: the graphs
+        write the caches in place, and neither is copied in on every replay (the
+        modules' weights are static already).
         """
         if not cuda_graphs:
             self._step = torch.compile(self._decode_step, dynamic=True)
             return
-        for cache in (*self.k_cache, *self.v_cache):
-            torch._dynamo.mark_static_address(cache)
+        tables = (self.cos, self.sin, self.batch_index, self.kv_head_index, self.key_positions)
+        for tensor in (*self.k_cache, *self.v_cache, *tables):
+            torch._dynamo.mark_static_address(tensor)
         self.shape_buckets = (buckets(self.max_batch, 1), buckets(self.max_seq_len, 64))
         self.cuda_graphs = True
         self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=True)
