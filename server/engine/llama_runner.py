@@ -22,6 +22,8 @@ runner calls the model's own modules (so quantised drop-in replacements of
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,17 @@ def buckets(limit: int, first: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, limit)
+
+
+@cache
+def graph_thread() -> ThreadPoolExecutor:
+    """The one thread every CUDA-graph decode step runs on, captures included.
+
+    torch keeps its CUDA graph trees in thread-local state: graphs captured
+    while the loader or a quantisation job warms a model up would not be found
+    from the engine's worker thread, which would capture them again on its
+    first requests. One thread for all of them keeps capture at warm-up."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantserve-cuda-graphs")
 
 
 class LlamaRunner:
@@ -216,8 +229,14 @@ class LlamaRunner:
         mask = (self.key_positions[:span][None] <= positions[:, None])[:, None, None]
         if not self.cuda_graphs:
             return self._step(token_ids, positions, mask)[:batch]
-        # A new replay: the previous step's outputs (already consumed) may be
-        # overwritten; the logits are copied out of the graph's memory.
+        return graph_thread().submit(self._replay, token_ids, positions, mask, batch).result()
+
+    @torch.inference_mode()
+    def _replay(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """One CUDA-graph step (on `graph_thread`). A new replay may overwrite the
+        previous step's outputs (already consumed); the logits are copied out."""
         torch.compiler.cudagraph_mark_step_begin()
         return self._step(token_ids, positions, mask)[:batch].clone()
 

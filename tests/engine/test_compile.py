@@ -4,6 +4,7 @@ the eager step's greedy text, and a failed compilation serves eagerly."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -116,3 +117,31 @@ def test_decode_padded_to_graph_shapes_gives_the_same_logits() -> None:
         assert got.shape == want.shape == (3, VOCAB)
         torch.testing.assert_close(got, want)
         tokens, positions = want.argmax(-1), positions + 1
+
+
+def test_graph_mode_steps_all_run_on_one_thread() -> None:
+    """CUDA graphs live in thread-local state: steps from the warm-up thread and
+    from the engine's worker must reach the same thread (checked here with the
+    eager step standing in for the compiled one)."""
+    runner = LlamaRunner(make_loaded().model, max_batch=2, max_seq_len=64)
+    reference = LlamaRunner(make_loaded().model, max_batch=2, max_seq_len=64)
+    runner.shape_buckets = (buckets(2, 1), buckets(64, 64))
+    runner.cuda_graphs = True
+    ran_on: list[str] = []
+    step = runner._step
+
+    def recording(*args: torch.Tensor) -> torch.Tensor:
+        ran_on.append(threading.current_thread().name)
+        return step(*args)
+
+    runner._step = recording
+    for each in (runner, reference):
+        each.prefill(0, [5, 6, 7])
+    tokens, positions = torch.tensor([1]), torch.tensor([3])
+    results: list[torch.Tensor] = [runner.decode(tokens, positions)]
+    other = threading.Thread(target=lambda: results.append(runner.decode(tokens, positions + 1)))
+    other.start()
+    other.join()
+    assert len(set(ran_on)) == 1 and ran_on[0].startswith("quantserve-cuda-graphs")
+    torch.testing.assert_close(results[0], reference.decode(tokens, positions))
+    torch.testing.assert_close(results[1], reference.decode(tokens, positions + 1))
