@@ -10,6 +10,7 @@ from quantizers import quantize
 from server.engine import device as device_module
 from server.engine.device import (
     InsufficientDeviceMemory,
+    device_kv_cache_budget,
     ensure_free,
     kv_cache_budget,
     logical_weights,
@@ -39,8 +40,9 @@ def test_logical_weights_are_the_same_for_every_variant() -> None:
     assert quantization_job_bytes(1000) == 10_000  # float32, twice, plus a quarter
 
 
-def test_cpu_is_never_refused_and_auto_resolves_here() -> None:
+def test_cpu_is_never_refused_and_has_no_kv_budget() -> None:
     ensure_free("cpu", 1 << 60, "anything")
+    assert device_kv_cache_budget("cpu", 0.9) is None
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -49,3 +51,8 @@ def test_short_cuda_memory_is_refused_with_the_figures(monkeypatch: pytest.Monke
     with pytest.raises(InsufficientDeviceMemory, match=r"needs about 3\.00 GiB.*2\.00 GiB is free"):
         ensure_free("cuda:0", 3 * GIB, "quantising with gptq")
     ensure_free("cuda:0", GIB, "quantising with gptq")
+
+
+def test_device_kv_budget_reads_the_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "memory_info", lambda device: (70 * GIB, 80 * GIB))
+    assert device_kv_cache_budget("cuda:0", 0.9) == 62 * GIB
