@@ -7,6 +7,8 @@ On a machine with a CUDA GPU (it refuses to run without one, exit code 2):
 1. The float model (embedded SmolLM2, bf16) is loaded here on the GPU: its greedy
    continuations of a few prompts are the reference, and transformers'
    `generate` gives the baseline decode speed (one stream, same GPU).
+   The int8 weight-only kernel choice is timed too: torch's `_weight_int8pack_mm`
+   (when it has a CUDA kernel) against the cast-and-matmul the runtime uses.
 2. For each method a real `quantserve serve --device cuda --quantize METHOD`
    starts (its own process, a fresh artifact cache), and the official `openai`
    client sends the prompts as token ids: the greedy text is compared with the
@@ -149,6 +151,38 @@ def agreeing_tokens(tokenizer: Any, text: str, want: list[int]) -> int:
             break
         count = j
     return count
+
+
+def int8_kernels(device: str) -> str:
+    """The int8 weight-only choice on this GPU: torch's `_weight_int8pack_mm`
+    (if it has a CUDA kernel) against the cast-and-matmul the runtime uses,
+    eager, at a SmolLM2 MLP shape and one row (decode)."""
+    if device != "cuda":
+        return "int8 kernels: not timed off CUDA"
+    x = torch.randn(1, 576, dtype=torch.bfloat16, device=device)
+    weight = torch.randint(-127, 127, (1536, 576), dtype=torch.int8, device=device)
+    scale = torch.rand(1536, dtype=torch.bfloat16, device=device)
+
+    def dequant() -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight.to(x.dtype)) * scale
+
+    def packed() -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+
+    times = {}
+    for name, fn in (("cast+matmul", dequant), ("_weight_int8pack_mm", packed)):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                fn()
+            torch.cuda.synchronize()
+            times[name] = f"{(time.perf_counter() - start) / 200 * 1e6:.1f} us"
+        except Exception as exc:  # no CUDA kernel for it: that is the finding
+            times[name] = f"unavailable ({type(exc).__name__})"
+    return "int8 weight-only, 1 x 576 @ 576 x 1536, eager: " + ", ".join(
+        f"{name} {value}" for name, value in times.items())
 
 
 # ------------------------------------------------------------------ the server
@@ -428,6 +462,7 @@ def main() -> int:
     deadline = time.monotonic() + args.budget_s
     print(machine(), flush=True)
     want, ref, generate_tps = reference(args.device, args.check_tokens, args.tokens)
+    print(int8_kernels(args.device), flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="quantserve-gpu-check-") as tmp:
         workdir = Path(tmp)
