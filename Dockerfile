@@ -57,7 +57,9 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 # Empty packages let pip resolve and install every dependency before the
 # source is copied, so editing code does not reinstall the dependencies.
-# The bnb extra: bitsandbytes' LLM.int8 / NF4 kernels (CUDA, and CPU).
+# The bnb extra: bitsandbytes' LLM.int8 / NF4 kernels (CUDA, and CPU); this is
+# the project itself, its versions are pinned in pyproject.toml.
+# hadolint ignore=DL3013
 RUN mkdir -p server quantizers \
     && touch server/__init__.py quantizers/__init__.py \
     && pip install ".[bnb]"
