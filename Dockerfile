@@ -14,10 +14,15 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG CPU_IMAGE=ubuntu:24.04
 
 FROM ${CUDA_IMAGE} AS base-cuda
-ENV DEFAULT_TORCH_FLAVOUR=cu128
+# torch.compile's CUDA path (the default on GPUs: a compiled decode step replayed
+# as CUDA graphs) builds Triton's launcher at run time with a C compiler against
+# Python's headers; without them the server falls back to eager decoding.
+ENV DEFAULT_TORCH_FLAVOUR=cu128 \
+    COMPILE_PACKAGES="gcc libc6-dev python3-dev"
 
 FROM ${CPU_IMAGE} AS base-cpu
-ENV DEFAULT_TORCH_FLAVOUR=cpu
+ENV DEFAULT_TORCH_FLAVOUR=cpu \
+    COMPILE_PACKAGES=""
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS base
@@ -25,9 +30,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # Versions follow the Ubuntu release pinned by the base image tag.
-# hadolint ignore=DL3008
+# $COMPILE_PACKAGES is a word list: unquoted on purpose.
+# hadolint ignore=DL3008,SC2086
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates $COMPILE_PACKAGES \
     && rm -rf /var/lib/apt/lists/*
 
 FROM base AS builder
@@ -51,9 +57,12 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 # Empty packages let pip resolve and install every dependency before the
 # source is copied, so editing code does not reinstall the dependencies.
+# The bnb extra: bitsandbytes' LLM.int8 / NF4 kernels (CUDA, and CPU); this is
+# the project itself, its versions are pinned in pyproject.toml.
+# hadolint ignore=DL3013
 RUN mkdir -p server quantizers \
     && touch server/__init__.py quantizers/__init__.py \
-    && pip install .
+    && pip install ".[bnb]"
 COPY server ./server
 COPY quantizers ./quantizers
 RUN pip install --no-deps .

@@ -213,7 +213,7 @@ class _StatsHooks:
             # One buffer per input, filled in place: row parts allocated batch
             # by batch between the forward's temporaries fragment the heap.
             item._row_buffer = torch.empty(
-                self.keep_rows, x.shape[-1], dtype=self.row_dtype or x.dtype
+                self.keep_rows, x.shape[-1], dtype=self.row_dtype or x.dtype, device=x.device
             )
         item._row_buffer[item._rows_filled : item._rows_filled + rows.shape[0]] = rows
         item._rows_filled += rows.shape[0]

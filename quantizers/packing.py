@@ -52,7 +52,8 @@ def pack_int4(q: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         nibbles = pack_nibbles(q).to(device)
         return torch.ops.aten._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(q.shape[1]))
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu(), 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu(), 2)
+    return packed.to(device)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
@@ -71,4 +72,4 @@ def unpack_int4(packed: Tensor, n: int, k: int, group_size: int) -> Tensor:
     ones = torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16, device=packed.device)
     ones[..., 0] = 1.0
     codes = int4_matmul(eye, packed, group_size, ones)
-    return (codes.t().round() + INT4_MID).to(torch.uint8).cpu()
+    return (codes.t().round() + INT4_MID).to(torch.uint8)

@@ -210,7 +210,11 @@ class QuantContext:
     ) -> None:
         self.model = model
         self.config = config
-        self.calibration = list(calibration) if calibration is not None else None
+        # Token ids on the model's device, where every calibration pass runs.
+        device = next(model.parameters()).device
+        self.calibration = (
+            [batch.to(device) for batch in calibration] if calibration is not None else None
+        )
         self.layers: dict[str, dict[str, Any]] = {}
         self.extra: dict[str, Any] = {}
         self._progress = progress

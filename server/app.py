@@ -15,13 +15,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from quantizers.loading import LoadedModel, load_model
 from server.auth import require_api_key
 from server.engine import Engine
+from server.engine.device import resolve_device
 from server.engine.worker import CacheConfig
 from server.errors import APIError, install_error_handlers
 from server.limits import BodySizeLimit
@@ -32,12 +32,6 @@ from server.routes import chat, completions, health, models
 from server.settings import Settings
 
 log = logging.getLogger("quantserve")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def load_served_model(settings: Settings) -> LoadedModel:

@@ -43,6 +43,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         ("--dtype", {"help": "compute dtype of the float model: bfloat16 (default) or float32 "
                              "[QUANTSERVE_DTYPE]"}),
         ("--device", {"help": "auto (default), cpu or cuda [QUANTSERVE_DEVICE]"}),
+        ("--gpu-memory-utilization", {"type": float,
+                                      "help": "fraction of the CUDA device's memory to use, "
+                                              "KV cache included (default 0.9) "
+                                              "[QUANTSERVE_GPU_MEMORY_UTILIZATION]"}),
         ("--compile", {"choices": ("off", "on", "auto"),
                        "help": "torch.compile the decode step at start-up: auto (default: "
                                "on CUDA only), on, off [QUANTSERVE_COMPILE]"}),

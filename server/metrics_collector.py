@@ -28,6 +28,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from quantizers.loading import weight_bytes
 from quantizers.runtime.base import QuantizedLinear
+from server.engine.device import kv_cache_budget, memory_info
 
 _MODEL_LABELS = ["model", "quantization"]
 _CACHE_COUNTERS = ("hits", "misses", "evictions", "corrupt")
@@ -116,6 +117,10 @@ class ServerStateCollector(Collector):
         yield from self._model_gauges(loaded, labels, facts)
         yield from self._memory_gauges(facts, kv_bytes)
         yield from self._cuda_gauges()
+        settings = getattr(state, "settings", None)
+        yield self._kv_budget_gauge(
+            facts, kv_bytes, getattr(settings, "gpu_memory_utilization", None)
+        )
         yield from self._cache_counters(getattr(state, "artifact_store", None))
 
     def _model_facts(self, loaded: Any) -> _ModelFacts:
@@ -258,6 +263,14 @@ class ServerStateCollector(Collector):
             "peak": GaugeMetricFamily(
                 "quantserve_cuda_memory_peak_allocated_bytes", "Peak torch.cuda memory allocated.",
                 labels=["device"]),
+            "free": GaugeMetricFamily(
+                "quantserve_cuda_memory_free_bytes",
+                "Device memory this process can still use: the driver's free memory plus "
+                "what torch's allocator holds unused.",
+                labels=["device"]),
+            "total": GaugeMetricFamily(
+                "quantserve_cuda_memory_total_bytes", "Device memory in all.",
+                labels=["device"]),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for index in range(torch.cuda.device_count()):
@@ -265,7 +278,26 @@ class ServerStateCollector(Collector):
                 families["allocated"].add_metric([device], torch.cuda.memory_allocated(index))
                 families["reserved"].add_metric([device], torch.cuda.memory_reserved(index))
                 families["peak"].add_metric([device], torch.cuda.max_memory_allocated(index))
+                free, total = memory_info(device) or (0, 0)
+                families["free"].add_metric([device], free)
+                families["total"].add_metric([device], total)
         yield from families.values()
+
+    @staticmethod
+    def _kv_budget_gauge(
+        facts: _ModelFacts | None, kv_bytes: int, utilization: float | None
+    ) -> Metric:
+        """The KV-cache bytes `--gpu-memory-utilization` allows on the model's CUDA
+        device: what the cache holds now plus what the fraction leaves free."""
+        budget = GaugeMetricFamily(
+            "quantserve_kv_cache_budget_bytes",
+            "KV-cache bytes the GPU memory utilization setting allows (CUDA only).",
+            labels=["device"])
+        on_cuda = facts is not None and facts.device.startswith("cuda")
+        if on_cuda and utilization is not None and torch.cuda.is_initialized():
+            free, total = memory_info(facts.device)
+            budget.add_metric([facts.device], kv_cache_budget(utilization, free + kv_bytes, total))
+        return budget
 
     @staticmethod
     def _cache_counters(store: Any) -> Iterator[Metric]:

@@ -27,6 +27,12 @@ from quantizers.calibration import CalibrationConfig
 from quantizers.errors import LayerQuantizationError
 from quantizers.loading import LoadedModel, load_model
 from server.engine import Engine
+from server.engine.device import (
+    InsufficientDeviceMemory,
+    ensure_free,
+    logical_weights,
+    quantization_job_bytes,
+)
 from server.memory import release_freed_memory
 from server.metrics import record_quantization_job
 from server.variant_pipeline import (
@@ -128,6 +134,9 @@ class Job:
 
 def describe_error(exc: BaseException) -> dict[str, Any]:
     """The `error` object of a failed job: what broke, and where when known."""
+    if isinstance(exc, InsufficientDeviceMemory):
+        return {"type": "insufficient_device_memory", "message": str(exc), "param": None,
+                "layer": None}
     if isinstance(exc, ArtifactWriteError):
         return {"type": "artifact_write_error", "message": str(exc),
                 "disk_full": exc.disk_full, "param": None, "layer": None}
@@ -335,6 +344,10 @@ class JobManager:
         log.info("running job %s: %s", job.id, job.spec.method)
         try:
             engine = self._serving_engine()
+            # Checked before any work: a job that cannot fit beside the served
+            # model fails with the reason instead of taking the server down.
+            needed = quantization_job_bytes(logical_weights(engine.loaded.model))
+            ensure_free(self.base.device, needed, f"quantising with {job.spec.method}")
             loaded, artifact, job.cache_hit = ensure_variant(
                 job.spec, self.base, self.store, hooks, protected=self.protected_keys(),
                 quality_tokens=self.quality_tokens, tokenizer=engine.loaded.tokenizer)
@@ -345,7 +358,8 @@ class JobManager:
             job.finish(JobState.CANCELLED)
             log.info("job %s cancelled", job.id)
             return
-        except (QuantizationError, ArtifactWriteError, NotServing) as exc:
+        except (QuantizationError, ArtifactWriteError, NotServing,
+                InsufficientDeviceMemory) as exc:
             job.finish(JobState.FAILED, describe_error(exc))
             log.warning("job %s failed: %s", job.id, exc)
             return

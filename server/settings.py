@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`.")
     num_threads: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0,
+        description="Fraction of a CUDA device's memory the server may use; the KV cache "
+        "gets what the weights and warm-up leave of it (vLLM's setting). Ignored on CPU.",
+    )
     compile: Literal["off", "on", "auto"] = Field(
         default="auto",
         description="torch.compile of the decode step at start-up / swap: `auto` compiles "
@@ -69,11 +74,8 @@ class Settings(BaseSettings):
         "sequences it admits plus one per running sequence); default: max_model_len.")
     kv_cache_bytes: int | None = Field(
         default=None, ge=1 << 20, description="Bytes of the paged KV cache pool; default "
-        "512 MiB on CPU (pages are only resident once used), gpu_memory_utilization of the "
-        "free device memory on CUDA.")
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="On CUDA, the share of free device memory "
-        "(after loading the model) the KV cache pool takes when kv_cache_bytes is unset.")
+        "512 MiB on CPU (pages are only resident once used); on CUDA what keeps the process "
+        "within gpu_memory_utilization of the device's memory.")
     block_size: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
     enable_prefix_caching: bool = Field(
         default=True, description="Reuse the KV blocks of prompt prefixes across requests.")

@@ -145,7 +145,9 @@ def build_variant(
     served model is never touched here.
     """
     with hooks.timed("load_base"):
-        float_model = load_model(base.source, dtype="float32", model_id=base.model_id)
+        # On the serving device: GPTQ's and feedback's matrix work is GPU work.
+        float_model = load_model(base.source, dtype="float32", device=base.device,
+                                 model_id=base.model_id)
     with hooks.timed("calibrate"):
         batches = (calibration_batches(float_model.tokenizer, spec.calibration)
                    if spec.calibration is not None else None)

@@ -64,7 +64,7 @@ def _inverse_cholesky_upper(hessian: Tensor, damp: float) -> tuple[Tensor, float
     """
     h = hessian.to(torch.float32).flip(0, 1)
     mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(_MAX_DAMP_TRIES):
         factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
         if int(info) == 0:
@@ -120,7 +120,7 @@ def _solve(
 ) -> GPTQSolution:
     w = grid.pad_columns(weight.detach().to(torch.float32))
     k_padded = w.shape[1]
-    h = torch.zeros(k_padded, k_padded, dtype=torch.float32)
+    h = torch.zeros(k_padded, k_padded, dtype=torch.float32, device=w.device)
     k = hessian.shape[0]
     h[:k, :k] = hessian.to(torch.float32)
 
@@ -135,7 +135,10 @@ def _solve(
     # columns only: the int4 kernel stores it at its real width and never sees
     # the padding, so the grid need not stretch to represent its zeros.
     static_params = grid.fit_all(w[:, :k]) if act_order or grid.group_size is None else None
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k_padded)
+    perm = (
+        torch.argsort(torch.diag(h), descending=True) if act_order
+        else torch.arange(k_padded, device=w.device)
+    )
     w = w[:, perm]
     h = h[perm][:, perm]
     upper, used_damp = _inverse_cholesky_upper(h, damp)

@@ -25,12 +25,16 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self._sum: Tensor | None = None  # made on the device of the first inputs
         self.tokens = 0
 
     def add(self, inputs: Tensor) -> None:
         """Account for one batch of layer inputs of shape [..., in_features]."""
         x = inputs.detach().reshape(-1, self.in_features).to(torch.bfloat16)
+        if self._sum is None:
+            self._sum = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float32, device=x.device
+            )
         self._sum += (x.T @ x).to(torch.float32)
         self.tokens += x.shape[0]
 

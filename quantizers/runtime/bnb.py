@@ -8,6 +8,7 @@ module is built: importing it is slow and may fail on machines without it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Self
 
 import torch
@@ -58,6 +59,20 @@ class BnbInt8Linear(QuantizedLinear):
         weight = linear.weight.detach().to(torch.float16).contiguous()
         codes, row_scale, _ = bnb.functional.int8_vectorwise_quant(weight)
         return cls(codes, row_scale, linear.bias, threshold)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        """Move the row scales and the matmul state with the weight: `_apply`
+        swaps the weight's data only, leaving bitsandbytes' side tensors behind
+        (its own `Linear8bitLt.to` moves them, but a model's `.to` never calls it)."""
+        super()._apply(fn, recurse)
+        weight, state = self.inner.weight, self.inner.state
+        if weight.SCB is not None:
+            weight.SCB = weight.SCB.to(weight.device)
+        if state.SCB is not None:
+            state.SCB = state.SCB.to(weight.device)
+        if state.CB is not None:
+            state.CB = weight.data
+        return self
 
     def state_tensors(self) -> dict[str, Tensor]:
         # the first forward moves the row scales from the weight into the matmul state

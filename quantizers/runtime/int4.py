@@ -16,6 +16,7 @@ requirement) and the extra outputs dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Self
 
 import torch
@@ -35,6 +36,11 @@ from quantizers.primitives import pad_to_multiple, quantize_per_group_asymmetric
 from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix, kernel_tensor
 
 GROUP_SIZES = (32, 64, 128)
+
+
+def kernel_layout(device: torch.device) -> str:
+    """Which int4 kernel, hence which packed layout, serves `device`."""
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
 def tail_width(in_features: int, group_size: int) -> int:
@@ -107,7 +113,6 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         group_size: int,
         bias: Tensor | None = None,
         in_features: int | None = None,
-        device: torch.device | str | None = None,
     ) -> Self:
         """From codes q uint8 [N, Kp] (0..15), scale and zero [N, Kp // g].
 
@@ -126,7 +131,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         in_features = kp if in_features is None else in_features
         if not 0 < in_features <= kp:
             raise ValueError(f"in_features {in_features} must be in 1..{kp}")
-        target = torch.device(device) if device is not None else q.device
+        target = q.device
         extra = (-n) % INT4_N_MULTIPLE
         if extra:
             q = F.pad(q, (0, 0, 0, extra))
@@ -173,12 +178,45 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         )
 
     def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "group_size": self.group_size}
+
+    @property
+    def layout(self) -> str:
+        """The kernel layout the codes are packed in now."""
         packed = self.packed if self.packed is not None else self.tail_packed
-        return {
-            **super().describe(),
-            "group_size": self.group_size,
-            "layout": packed.device.type,
+        return kernel_layout(packed.device)
+
+    def _codes(self) -> dict[str, Tensor]:
+        """Each packed part's uint8 codes [padded N, width], read back on its device."""
+        parts = {
+            "packed": (self.packed, self.main_in, self.group_size),
+            "tail_packed": (self.tail_packed, self.tail_in, self.tail_in),
         }
+        return {
+            name: unpack_int4(packed, self.padded_out, width, group)
+            for name, (packed, width, group) in parts.items()
+            if packed is not None
+        }
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        """Move like any module, repacking the codes when the kernel layout changes."""
+        packed = self.packed if self.packed is not None else self.tail_packed
+        target = fn(torch.empty(0, device=packed.device)).device
+        if kernel_layout(target) == self.layout:
+            return super()._apply(fn, recurse)
+        codes = self._codes()
+        super()._apply(fn, recurse)
+        for name, part in codes.items():
+            self._buffers[name] = _kernel_ready(fn(pack_int4(part, target)))
+        return self
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The CPU layout, whatever the device: artifacts load anywhere."""
+        tensors = super().state_tensors()
+        if self.layout != "cpu":
+            cpu = torch.device("cpu")
+            tensors.update({n: pack_int4(q, cpu) for n, q in self._codes().items()})
+        return tensors
 
     def unpacked(self) -> tuple[Tensor, Tensor, Tensor]:
         """(q uint8 [N, Kp], scale, zero [N, Kp // g]) read back from the packing,
@@ -187,31 +225,20 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         Codes of input channels past the stored ones (the padding of a partial
         last group) are those a zero weight rounds to on that group's grid.
         """
-        codes, scales, zeros = [], [], []
-        parts = [
-            (self.packed, self.scales_and_zeros, self.main_in, self.group_size),
-            (self.tail_packed, self.tail_scales_and_zeros, self.tail_in, self.tail_in),
-        ]
-        for packed, scales_and_zeros, width, group in parts:
-            if packed is not None:
-                codes.append(unpack_int4(packed, self.padded_out, width, group))
-                scale, zero = split_scales_and_zeros(scales_and_zeros.cpu())
+        scales, zeros = [], []
+        for scales_and_zeros in (self.scales_and_zeros, self.tail_scales_and_zeros):
+            if scales_and_zeros is not None:
+                scale, zero = split_scales_and_zeros(scales_and_zeros)
                 scales.append(scale)
                 zeros.append(zero)
-        q, scale, zero = torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
+        q = torch.cat(list(self._codes().values()), 1)
+        scale, zero = torch.cat(scales, 1), torch.cat(zeros, 1)
         missing = scale.shape[1] * self.group_size - q.shape[1]
         if missing:
             fill = zero[:, -1:].round().clamp(0, 2 * INT4_MID - 1).to(torch.uint8)
             q = torch.cat([q, fill.expand(-1, missing)], 1)
         n = self.out_features
         return q[:n], scale[:n], zero[:n]
-
-    def repacked(self, device: torch.device | str) -> Self:
-        """The same layer packed for another device's kernel (layouts differ)."""
-        q, scale, zero = self.unpacked()
-        return self.from_quantized(
-            q, scale, zero, self.group_size, self.bias, self.in_features, device=device
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)

@@ -6,8 +6,10 @@ which reads the int8 weight directly (a quarter of the float32 bytes) and is
 rows, though: from 32 rows on (prefill) it is slower than casting the int8
 weight to bfloat16 in row chunks and running a bfloat16 matmul
 (bench/kernels_bench.py), so that path is taken there. Both give the same
-result up to bfloat16 rounding. CUDA has no int8 weight-only op in torch, so
-there the chunked cast + matmul is always used.
+result up to bfloat16 rounding. On CUDA the cast + matmul is always used, as in
+gpt-fast, where the compiled decode step may fuse the cast into the matmul's
+read (unmeasured here); whether torch's `_weight_int8pack_mm` has a faster
+CUDA kernel is timed by bench/gpu_check.py, which has not run on a GPU yet.
 """
 
 from __future__ import annotations

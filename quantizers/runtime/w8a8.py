@@ -72,9 +72,12 @@ class W8A8Linear(QuantizedLinear):
         static = input_scale is not None
         if static and input_zero is None:
             input_zero = torch.tensor(0)
-        self.register_buffer("input_scale", input_scale.float().reshape(()) if static else None)
+        device = self.weight.device
         self.register_buffer(
-            "input_zero", input_zero.to(torch.int32).reshape(()) if static else None
+            "input_scale", input_scale.float().reshape(()).to(device) if static else None
+        )
+        self.register_buffer(
+            "input_zero", input_zero.to(torch.int32).reshape(()).to(device) if static else None
         )
         # Derived, so not stored in artifacts; needed only for a static zero point.
         self.register_buffer(

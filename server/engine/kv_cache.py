@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.block_manager import BlockManager
+from server.engine.device import device_kv_cache_budget
 
 CPU_DEFAULT_KV_CACHE_BYTES = 512 << 20
 # Prefill runs in chunks of about this many tokens (a whole number of blocks):
@@ -45,14 +46,13 @@ class KVSpec:
 def pool_bytes(
     spec: KVSpec, kv_cache_bytes: int | None, gpu_memory_utilization: float
 ) -> int:
-    """The pool's size: the operator's budget, else on CUDA a share of the free
-    device memory (the model is loaded by now), else a fixed CPU default."""
+    """The pool's size: the operator's budget, else on CUDA what keeps the
+    process within `gpu_memory_utilization` of the device (the model is loaded
+    by now), else a fixed CPU default."""
     if kv_cache_bytes is not None:
         return kv_cache_bytes
-    if spec.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(spec.device)
-        return int(free * gpu_memory_utilization)
-    return CPU_DEFAULT_KV_CACHE_BYTES
+    budget = device_kv_cache_budget(spec.device, gpu_memory_utilization)
+    return CPU_DEFAULT_KV_CACHE_BYTES if budget is None else budget
 
 
 class KVCache:

@@ -4,7 +4,9 @@ Every sequence in a batch keeps its own temperature, top_p, seed and logprobs
 setting; the logits come from one batched forward pass. Greedy rows are
 resolved together with a single argmax; sampled rows draw from their own
 `torch.Generator`, so a seeded request gives the same text whatever else is in
-the batch.
+the batch. That generator lives on the logits' device (torch's samplers
+refuse a CPU generator for CUDA logits); it is made at the first sampled draw,
+so greedy sequences never make one.
 """
 
 from __future__ import annotations
@@ -17,11 +19,27 @@ import torch
 from server.engine.types import SamplingParams
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for one sequence: the request's seed, or a fresh random one."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return generator
+class SeededGenerator:
+    """One sequence's random source: its seed, and a generator on the device
+    of the logits it samples from (a sequence's logits stay on one device)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def on(self, device: torch.device) -> torch.Generator:
+        """The generator for `device`, seeded on first use."""
+        generator = self._generator
+        if generator is None or generator.device != device:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generator = generator
+        return generator
+
+
+def make_generator(seed: int | None) -> SeededGenerator:
+    """The random source of one sequence: the request's seed, or a fresh random one."""
+    return SeededGenerator(seed if seed is not None else secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -33,9 +51,8 @@ class Choice:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def _sample_row(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> int:
+def _sample_row(logits: torch.Tensor, params: SamplingParams, source: SeededGenerator) -> int:
+    generator = source.on(logits.device)
     scaled = logits / params.temperature
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
@@ -53,7 +70,7 @@ def _sample_row(
 def choose_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    generators: list[SeededGenerator],
 ) -> list[Choice]:
     """Pick one token per row of float32 `logits` `[B, vocab]`."""
     greedy = logits.argmax(dim=-1).tolist()
@@ -81,7 +98,7 @@ def prompt_logprobs(
     t+1, so the first prompt token has no score (None, as OpenAI reports it).
     """
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
-    targets = torch.tensor(prompt_ids[1:], dtype=torch.long)
+    targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
     chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
     tops: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
     if top_k > 0:

@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from server.engine.sampling import choose_tokens, make_generator, prompt_logprobs
+from server.engine.sampling import (
+    SeededGenerator,
+    choose_tokens,
+    make_generator,
+    prompt_logprobs,
+)
 from server.engine.types import SamplingParams
 
 
@@ -70,3 +75,17 @@ def test_prompt_logprobs_score_each_next_token() -> None:
         assert token == prompt[position]
         assert math.isclose(logprob, float(expected[position - 1, token]), rel_tol=1e-6)
         assert len(top) == 2
+
+
+def test_sampled_rows_draw_from_a_generator_on_the_logits_device() -> None:
+    asked: list[torch.device] = []
+
+    class Recording(SeededGenerator):
+        def on(self, device: torch.device) -> torch.Generator:
+            asked.append(device)
+            return super().on(device)
+
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(max_tokens=1, temperature=t) for t in (0.0, 1.0)]
+    choose_tokens(logits, params, [Recording(0), Recording(0)])
+    assert asked == [logits.device]  # only the sampled row, and on the logits' device

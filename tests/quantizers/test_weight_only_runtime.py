@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -204,13 +206,20 @@ def test_unpack_recovers_codes_of_a_cpu_packed_weight() -> None:
 
 
 @needs_cuda
-def test_int4_repacked_for_cuda_matches_cpu() -> None:
+def test_int4_moved_to_cuda_matches_cpu_and_moves_back() -> None:
     linear = make_linear(576, 192)
     module = Int4WeightOnlyLinear.from_float(linear, 128)
     x = torch.randn(5, 576)
-    gpu = module.repacked("cuda")
-    assert gpu.describe()["layout"] == "cuda"
-    assert relative_error(gpu(x.cuda()).cpu(), module(x)) < 0.01
+    expected = module(x)
+    gpu = copy.deepcopy(module).to("cuda")
+    assert gpu.layout == "cuda"
+    assert relative_error(gpu(x.cuda()).cpu(), expected) < 0.01
+    saved = gpu.state_tensors()  # artifacts keep the CPU layout
+    for name, tensor in module.state_tensors().items():
+        assert torch.equal(saved[name].cpu(), tensor), name
+    back = gpu.cpu()
+    assert back.layout == "cpu"
+    assert torch.equal(back(x), expected)
 
 
 @needs_cuda

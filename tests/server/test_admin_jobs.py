@@ -19,7 +19,9 @@ from quantizers.artifacts import ArtifactStore
 from quantizers.artifacts.keys import file_sha256
 from quantizers.calibration import CalibrationConfig
 from quantizers.loading import load_model
+from server import quantization_jobs
 from server.engine import Engine, Finish, GenerationRequest, SamplingParams
+from server.engine.device import InsufficientDeviceMemory
 from server.quantization_jobs import Job, JobAlreadyFinished, JobManager, JobState
 from server.variant_pipeline import BaseModelRef
 from tests.helpers.tiny_model_dir import write_tiny_model
@@ -215,3 +217,18 @@ def test_calibrated_method_keys_on_the_calibration_text(
     other = jobs.resolve("gptq", {"group_size": 32}, CalibrationConfig(
         dataset=str(edited), samples=4, seq_len=64))
     assert other.key != spec.key
+
+
+def test_job_without_device_memory_fails_with_the_reason_and_keeps_serving(
+    jobs: JobManager, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def short(device: object, needed: int, what: str) -> None:
+        raise InsufficientDeviceMemory(f"{what} needs about {needed} bytes, 0 are free")
+
+    monkeypatch.setattr(quantization_jobs, "ensure_free", short)
+    job = wait_finished(jobs.submit(jobs.resolve("int8", {}, None)))
+    assert job.state == JobState.FAILED
+    assert job.error["type"] == "insufficient_device_memory"
+    assert "quantising with int8 needs about" in job.error["message"]
+    assert generate_variant(engine) == "float"
+    assert jobs.store.list() == []
