@@ -27,8 +27,10 @@ from typing import Literal
 import torch
 
 from quantizers.loading import LoadedModel
+from server.engine.hf_runner import GeneralRunner
 from server.engine.kv_cache import KVCache, KVPool
 from server.engine.llama_runner import LlamaRunner
+from server.engine.runner_choice import architecture, choose_runner
 
 log = logging.getLogger("quantserve.engine")
 
@@ -75,10 +77,20 @@ class ServedModel:
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_model_len, loaded.context_length)
         device = next(loaded.model.parameters()).device
-        self.compile = should_compile(compile, device)
+        self.choice = choose_runner(loaded.model, self.max_seq_len)
+        # Only the lean runner's decode step is written to be compiled.
+        self.compile = self.choice.path == "lean" and should_compile(compile, device)
         started = time.perf_counter()
-        self.runner = LlamaRunner(
-            loaded.model, max_seq_len=self.max_seq_len, prepack=not self.compile,
+        self.runner: LlamaRunner | GeneralRunner
+        if self.choice.path == "lean":
+            self.runner = LlamaRunner(
+                loaded.model, max_seq_len=self.max_seq_len, prepack=not self.compile,
+            )
+        else:
+            self.runner = GeneralRunner(loaded.model)
+        log.info(
+            "%s runner serves %s (%s, %s): %s", self.choice.path, loaded.model_id,
+            architecture(loaded.model), loaded.variant, self.choice.reason,
         )
         self.pool: KVPool | None = None  # set by the worker before the model serves
         self.prepare_s = time.perf_counter() - started

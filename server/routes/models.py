@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from quantizers.loading import LoadedModel
+from server.engine.runner_choice import architecture
 from server.request_params import context_window
 from server.routes.responding import ERROR_RESPONSES
 from server.schemas.openai import ModelCard, ModelList
@@ -17,6 +18,7 @@ def model_card(loaded: LoadedModel, created: int, context_length: int) -> ModelC
         id=loaded.model_id,
         created=created,
         variant=loaded.variant,
+        architecture=architecture(loaded.model),
         quantization=loaded.quantization,
         dtype=str(loaded.dtype).removeprefix("torch."),
         parameters=loaded.param_count,

@@ -209,6 +209,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "quantserve"
     variant: str
+    architecture: str  # the transformers model class, e.g. "Gemma3ForCausalLM"
     quantization: dict[str, Any] | None
     dtype: str
     parameters: int
