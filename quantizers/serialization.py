@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quantizers.conv1d import conv1d_as_linear
 from quantizers.errors import QuantizationError
 from quantizers.runtime.base import RUNTIME_KINDS, RuntimeModule
 from quantizers.runtime.embedding import Int8Embedding
@@ -133,6 +134,7 @@ def build_from_state(
     dtype = getattr(torch, str(plan.get("dtype", "bfloat16")))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    conv1d_as_linear(model)
     entries: Mapping[str, Mapping[str, Any]] = plan["modules"]
     own: dict[str, dict[str, Tensor]] = {name: {} for name in entries}
     rest: dict[str, Tensor] = {}
