@@ -5,8 +5,8 @@ the rest, so an int8 activation grid wastes its resolution on them.
 SmoothQuant divides each input channel by s = amax_x**alpha / amax_w**(1-alpha)
 and multiplies the matching weight column by s, which leaves the float result
 unchanged and splits the difficulty between activations and weights. The
-division is folded into the op that produces the input (the RMSNorm weight for
-q/k/v and gate/up, the up_proj rows for down_proj), so it is free at run time.
+division is folded into the op that produces the input (a norm's weight for
+the linears it feeds, up_proj's rows for down_proj: `smooth_groups.py`), so it is free at run time.
 
 alpha is either fixed, or (default) chosen per group from ALPHA_GRID by the
 W8A8 output error on sampled calibration rows: a local search on rows kept
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.calibration import ActivationStats
+from quantizers.methods.smooth_groups import SmoothGroup, smoothing_plan
 from quantizers.methods.w8a8 import (
     CALIBRATION_TOKENS,
     RANGE_ROWS,
@@ -74,36 +75,6 @@ class SmoothQuantConfig(MethodConfig):
             check_range(self.alpha, 0.0, 1.0, "alpha")
         check_choice(self.activations, ("static", "dynamic"), "activations")
         check_calibration_tokens(self.calibration_tokens)
-
-
-@dataclass
-class SmoothGroup:
-    """Linears sharing one input, and the tensor whose output dim produces it."""
-
-    name: str
-    producer: Tensor
-    producer_is_rows: bool
-    consumers: list[str]
-
-
-def find_groups(model: nn.Module) -> list[SmoothGroup]:
-    """The foldable groups of every Llama-style decoder layer."""
-    groups = []
-    for name, layer in model.named_modules():
-        attn = getattr(layer, "self_attn", None)
-        mlp = getattr(layer, "mlp", None)
-        norm_in = getattr(layer, "input_layernorm", None)
-        norm_post = getattr(layer, "post_attention_layernorm", None)
-        if attn is None or mlp is None or norm_in is None or norm_post is None:
-            continue
-        qkv = [f"{name}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-        gate_up = [f"{name}.mlp.{p}" for p in ("gate_proj", "up_proj")]
-        groups += [
-            SmoothGroup(f"{name}.input_layernorm", norm_in.weight, False, qkv),
-            SmoothGroup(f"{name}.post_attention_layernorm", norm_post.weight, False, gate_up),
-            SmoothGroup(f"{name}.mlp.up_proj", mlp.up_proj.weight, True, [f"{name}.mlp.down_proj"]),
-        ]
-    return groups
 
 
 def smoothing_factors(act_abs_max: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
@@ -171,11 +142,10 @@ def choose_alpha(
 
 
 def smooth(model: nn.Module, group: SmoothGroup, factors: Tensor) -> None:
-    """Fold 1/factors into the producer and factors into the consumers' columns."""
-    if group.producer_is_rows:
-        group.producer.data.div_(factors.to(group.producer.dtype)[:, None])
-    else:
-        group.producer.data.div_(factors.to(group.producer.dtype))
+    """Fold 1/factors into the producers and factors into the consumers' columns."""
+    for tensor in group.producers:
+        shape = (-1, *([1] * (tensor.dim() - 1)))
+        tensor.data.div_(factors.to(tensor.dtype).view(shape))
     for name in group.consumers:
         weight = model.get_submodule(name).weight
         weight.data.mul_(factors.to(weight.dtype)[None, :])
@@ -184,7 +154,8 @@ def smooth(model: nn.Module, group: SmoothGroup, factors: Tensor) -> None:
 @register_method("smoothquant", SmoothQuantConfig, calibrated=True)
 def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantContext) -> None:
     target_names = {t.name for t in ctx.targets}
-    groups = [g for g in find_groups(model) if target_names & set(g.consumers)]
+    found, refused = smoothing_plan(model)
+    groups = [g for g in found if target_names & set(g.consumers)]
     hooked = sorted(target_names | {c for g in groups for c in g.consumers})
     static = config.activations == "static"
     if static:
@@ -214,3 +185,6 @@ def apply_smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: QuantCon
     for name, chosen in ranges.items():
         ctx.layers[name].update(chosen.report())
     ctx.extra["alpha"] = chosen_alpha
+    not_smoothed = {name: why for name, why in refused.items() if name in target_names}
+    if not_smoothed:
+        ctx.extra["not_smoothed"] = not_smoothed

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from quantizers.calibration import collect_activation_stats
+from quantizers.methods.smooth_groups import find_groups
 from quantizers.methods.smoothquant import (
     ALPHA_GRID,
     SmoothQuantConfig,
     choose_alpha,
-    find_groups,
     smoothing_factors,
 )
 from quantizers.runtime import W8A8Linear

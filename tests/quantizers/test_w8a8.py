@@ -9,7 +9,8 @@ from transformers import LlamaForCausalLM
 
 from quantizers import ConfigError, quantize
 from quantizers.calibration import ActivationStats
-from quantizers.methods.smoothquant import find_groups, smooth, smoothing_factors
+from quantizers.methods.smooth_groups import find_groups
+from quantizers.methods.smoothquant import smooth, smoothing_factors
 from quantizers.methods.w8a8 import calibrated_range, static_output_error
 from quantizers.primitives import dequantize_per_channel, quantize_per_channel_symmetric
 from quantizers.runtime import W8A8Linear
