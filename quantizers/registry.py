@@ -243,16 +243,27 @@ class QuantContext:
 
         Replacing a tied lm_head unties it; runtime modules that can serve row
         lookups (`as_embedding`) then replace the float embedding, so the matrix
-        is stored once, quantised. Others leave the float embedding in place.
+        is stored once, quantised. Others leave the float embedding in place, as
+        does an embedding that computes more than a (constantly scaled) lookup.
         """
         if self.tied_head is None or self.tied_head not in self.layers:
             return
         head = self.model.get_submodule(self.tied_head)
         as_embedding = getattr(head, "as_embedding", None)
-        if callable(as_embedding):
-            old = self.model.get_input_embeddings()
-            self.model.set_input_embeddings(as_embedding(getattr(old, "padding_idx", None)))
-            self.layers[self.tied_head]["tied_embedding"] = True
+        if not callable(as_embedding):
+            return
+        old = self.model.get_input_embeddings()
+        multiplier = _row_multiplier(old)
+        if multiplier is None:
+            self.layers[self.tied_head]["tied_embedding"] = False
+            self.layers[self.tied_head]["embedding_kept"] = (
+                f"{type(old).__name__} is not a plain row lookup; it stays in float"
+            )
+            return
+        self.model.set_input_embeddings(
+            as_embedding(getattr(old, "padding_idx", None), multiplier)
+        )
+        self.layers[self.tied_head]["tied_embedding"] = True
 
     def _find_targets(self) -> list[LayerTarget]:
         targets = []
@@ -321,6 +332,18 @@ class QuantContext:
             with self.layer_errors(name):
                 module = build(self.targets[self._target_index[name]])
             self.replace(name, module)
+
+
+def _row_multiplier(embedding: nn.Module) -> float | None:
+    """The constant an embedding multiplies its rows by (1 for nn.Embedding,
+    `embed_scale` for transformers' scaled embeddings such as Gemma's), or None
+    when it is something else."""
+    if type(embedding) is nn.Embedding:
+        return 1.0
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(embedding, nn.Embedding) and isinstance(scale, Tensor | float | int):
+        return float(scale)
+    return None
 
 
 class _LayerErrors:

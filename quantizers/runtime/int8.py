@@ -82,9 +82,11 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def from_state(cls, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Self:
         return cls(tensors["weight"], tensors["scale"], tensors.get("bias"))
 
-    def as_embedding(self, padding_idx: int | None = None) -> Int8Embedding:
+    def as_embedding(
+        self, padding_idx: int | None = None, multiplier: float = 1.0
+    ) -> Int8Embedding:
         """An embedding reading the same codes and scales (for a tied lm_head)."""
-        return Int8Embedding(self.weight, self.scale, padding_idx)
+        return Int8Embedding(self.weight, self.scale, padding_idx, multiplier)
 
     @classmethod
     def tied_to(cls, embedding: Int8Embedding) -> Self:
