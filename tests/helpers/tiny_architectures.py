@@ -52,10 +52,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+# Like the real GPT-2, whose tokenizer has no chat template.
+NO_CHAT_TEMPLATE = frozenset({"gpt2"})
+
+
 def write_tiny_architecture(directory: Path, model_type: str, seed: int = 0) -> Path:
     """Save a 2-layer random `model_type` model and a byte tokenizer into `directory`."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **_COMMON, **ARCHITECTURES[model_type])
     AutoModelForCausalLM.from_config(config).eval().save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
+    tokenizer = byte_tokenizer()
+    if model_type in NO_CHAT_TEMPLATE:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(directory)
     return directory
