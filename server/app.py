@@ -59,7 +59,8 @@ def _start_engine(app: FastAPI, settings: Settings) -> None:
                         max_model_len=settings.max_model_len,
                         max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_queue=settings.max_queue, cache=cache_config(settings),
-                        num_threads=settings.num_threads, compile=settings.compile)
+                        num_threads=settings.num_threads, compile=settings.compile,
+                        runner=settings.runner)
         warmup = engine.start()
         # A start-up quantisation's temporaries (the float model) go back to the OS.
         release_freed_memory()

@@ -50,6 +50,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         ("--compile", {"choices": ("off", "on", "auto"),
                        "help": "torch.compile the decode step at start-up: auto (default: "
                                "on CUDA only), on, off [QUANTSERVE_COMPILE]"}),
+        ("--runner", {"choices": ("auto", "general"),
+                      "help": "auto (default: the lean runner for llama, mistral and qwen2) "
+                              "or general (transformers' modules for every model) "
+                              "[QUANTSERVE_RUNNER]"}),
         ("--cache-dir", {"help": "artifact cache directory [QUANTSERVE_CACHE_DIR]"}),
         ("--max-model-len", {"type": int, "help": "tokens one sequence may hold, prompt and "
                                                   "completion (default 4096) "

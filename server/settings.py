@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         "on CUDA only (on CPU the prepared eager step is faster, and starts in seconds).",
     )
 
+    runner: Literal["auto", "general"] = Field(
+        default="auto",
+        description="`auto`: the lean Llama runner for the families it implements, the "
+        "general runner (transformers' modules) for the rest; `general` for every model.",
+    )
+
     quantize: str | None = Field(default=None, description="Method to quantise with at start-up.")
     quantize_config: dict[str, Any] = Field(default_factory=dict)
 

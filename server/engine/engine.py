@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from quantizers.loading import LoadedModel
+from server.engine.runner_choice import RunnerMode
 from server.engine.sampling import choose_tokens, prompt_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
@@ -73,6 +74,7 @@ class Engine:
         cache: CacheConfig | None = None,
         num_threads: int | None = None,
         compile: CompileMode = "off",
+        runner: RunnerMode = "auto",
     ) -> None:
         batched = max_model_len if max_num_batched_tokens is None else max_num_batched_tokens
         if max_num_seqs < 1 or max_model_len < 2 or max_queue < 0 or batched < max_model_len:
@@ -86,7 +88,7 @@ class Engine:
         self.num_threads = num_threads or available_cores()
         self._worker = Worker(
             loaded, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            cache=cache or CacheConfig(), compile=compile,
+            cache=cache or CacheConfig(), compile=compile, runner=runner,
         )
         self._scheduler: Scheduler[Sequence] = Scheduler(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=batched

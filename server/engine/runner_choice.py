@@ -17,6 +17,7 @@ from server.engine.hf_runner import layer_windows
 from server.engine.llama_runner import SUPPORTED_MODEL_TYPES
 
 RunnerPath = Literal["lean", "general"]
+RunnerMode = Literal["auto", "general"]  # the operator's setting
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,14 @@ def architecture(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def choose_runner(model: nn.Module, max_seq_len: int) -> RunnerChoice:
+def choose_runner(
+    model: nn.Module, max_seq_len: int, mode: RunnerMode = "auto"
+) -> RunnerChoice:
     """The lean runner for the Llama families it implements, unless the model
-    uses a sliding window it would ignore; the general runner otherwise."""
+    uses a sliding window it would ignore or the operator asks for the general
+    runner; the general runner otherwise."""
+    if mode == "general":
+        return RunnerChoice("general", "the runner setting asks for it")
     config: Any = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

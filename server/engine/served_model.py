@@ -30,7 +30,7 @@ from quantizers.loading import LoadedModel
 from server.engine.hf_runner import GeneralRunner
 from server.engine.kv_cache import KVCache, KVPool
 from server.engine.llama_runner import LlamaRunner
-from server.engine.runner_choice import architecture, choose_runner
+from server.engine.runner_choice import RunnerMode, architecture, choose_runner
 
 log = logging.getLogger("quantserve.engine")
 
@@ -70,14 +70,14 @@ class ServedModel:
 
     def __init__(
         self, loaded: LoadedModel, *, max_num_seqs: int, max_model_len: int,
-        compile: CompileMode = "off",
+        compile: CompileMode = "off", runner: RunnerMode = "auto",
     ) -> None:
         self.loaded = loaded
         self.version = next(_versions)
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_model_len, loaded.context_length)
         device = next(loaded.model.parameters()).device
-        self.choice = choose_runner(loaded.model, self.max_seq_len)
+        self.choice = choose_runner(loaded.model, self.max_seq_len, runner)
         # Only the lean runner's decode step is written to be compiled.
         self.compile = self.choice.path == "lean" and should_compile(compile, device)
         started = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from quantizers.loading import LoadedModel
 from server.engine.block_manager import Allocation, BlockStats
 from server.engine.kv_cache import KVPool, pool_bytes
+from server.engine.runner_choice import RunnerMode
 from server.engine.served_model import CompileMode, ServedModel
 
 
@@ -52,19 +53,20 @@ class Running(Protocol):
 class Worker:
     def __init__(
         self, loaded: LoadedModel, *, max_num_seqs: int, max_model_len: int,
-        cache: CacheConfig, compile: CompileMode = "off",
+        cache: CacheConfig, compile: CompileMode = "off", runner: RunnerMode = "auto",
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.cache = cache
         self.compile: CompileMode = compile
+        self.runner: RunnerMode = runner
         self.active = self.build(loaded, None)
 
     def build(self, loaded: LoadedModel, current: ServedModel | None) -> ServedModel:
         """A served model for `loaded` with its pool: `current`'s when shapes allow."""
         served = ServedModel(
             loaded, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-            compile=self.compile,
+            compile=self.compile, runner=self.runner,
         )
         spec = served.runner.kv_spec
         shared = current.pool if current is not None else None
