@@ -138,6 +138,8 @@ def test_models_lists_the_served_variant(client: openai.OpenAI, served: ServerPr
     assert card["variant"] == "float" and card["quantization"] is None
     assert card["parameters"] > 100_000_000 and card["weight_bytes"] > 0
     assert card["dtype"] in ("bfloat16", "float32")
+    assert card["architecture"] == "LlamaForCausalLM"
+    assert "lean runner serves" in served.log(), "SmolLM2 keeps the lean path"
 
 
 def test_health_answers_during_a_long_generation(served: ServerProcess) -> None:
