@@ -8,7 +8,10 @@ transformers' own forward and `generate` in this process:
   variant's perplexity over HTTP against the float one;
 * decode tokens/s of one streaming client, and total tokens/s of 8 concurrent
   clients, against `generate` at batch 1, alternating rounds so that load
-  from other processes hits both alike (report the ratios).
+  from other processes hits both alike (report the ratios);
+* `cpu`: the same comparison in process by CPU time (`process_time`), the
+  general runner's decode at batch 1 and 8 against `generate`: on a machine
+  shared with other loads, wall time measures the neighbours, CPU time less so.
 
 No non-Llama model small enough ships in a package here, so the default is
 the embedded SmolLM2 (a Llama) forced onto the general path; any local GGUF
@@ -41,6 +44,10 @@ sys.path.insert(0, str(REPO))
 from quantizers.evaluation.machine import describe_machine  # noqa: E402
 from quantizers.evaluation.wikitext import wikitext_tokens  # noqa: E402
 from quantizers.loading import LoadedModel, load_model  # noqa: E402
+from server.engine.hf_runner import GeneralRunner  # noqa: E402
+from server.engine.kv_cache import KVCache  # noqa: E402
+
+PARTS = ("ppl", "served", "int8", "cpu")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -166,6 +173,52 @@ def generate_speed(loaded: LoadedModel, prompt: list[int], tokens: int) -> float
     return (tokens - 1) / (whole - prefill)
 
 
+def generate_cpu(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
+    """CPU seconds per decode token of `generate` at batch 1."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.process_time()
+        loaded.model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = time.process_time() - start
+        start = time.process_time()
+        loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                              do_sample=False)
+        return (time.process_time() - start - prefill) / (tokens - 1)
+
+
+def runner_cpu(runner: GeneralRunner, prompts: list[list[int]], tokens: int) -> float:
+    """CPU seconds per generated token of the general runner decoding `prompts` together."""
+    per_sequence = -(-(max(map(len, prompts)) + tokens + 1) // 16)
+    cache = KVCache(runner.kv_spec, per_sequence * len(prompts), 16)
+    tables = [list(range(i * per_sequence, (i + 1) * per_sequence))
+              for i in range(len(prompts))]
+    last = [int(runner.prefill(cache, t, p)[-1].argmax())
+            for t, p in zip(tables, prompts, strict=True)]
+    positions = [len(p) for p in prompts]
+    batch = torch.tensor(last)
+    start = time.process_time()
+    for _ in range(tokens):
+        batch = runner.decode(cache, batch, positions, tables).argmax(-1)
+        positions = [p + 1 for p in positions]
+    return (time.process_time() - start) / (tokens * len(prompts))
+
+
+def cpu_part(loaded: LoadedModel, prompts: list[list[int]], tokens: int, rounds: int) -> None:
+    runner = GeneralRunner(loaded.model)
+    rows = []
+    for round_ in range(rounds):
+        hf = generate_cpu(loaded, prompts[0], tokens)
+        one = runner_cpu(runner, prompts[:1], tokens)
+        eight = runner_cpu(runner, prompts, tokens)
+        rows.append((hf, one, eight))
+        print(f"round {round_} (CPU ms per token): generate {1e3 * hf:.1f}, general runner "
+              f"batch 1 {1e3 * one:.1f} ({hf / one:.2f}x), batch 8 {1e3 * eight:.1f} "
+              f"({hf / eight:.2f}x)", flush=True)
+    hf, one, eight = (sorted(col)[len(col) // 2] for col in zip(*rows, strict=True))
+    print(f"median: general runner batch 1 {hf / one:.2f}x generate's tokens per CPU second, "
+          f"batch 8 {hf / eight:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local GGUF / HF dir (default: SmolLM2)")
@@ -174,7 +227,9 @@ def main() -> None:
     parser.add_argument("--window-len", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per client")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     print(f"Machine: {describe_machine(args.threads)}", flush=True)
     loaded = load_model(args.model, dtype=torch.float32)
@@ -182,40 +237,57 @@ def main() -> None:
     chunks = windows(tokens, args.windows, args.window_len)
     prompts = [chunk[:32] for chunk in chunks[:8]]
 
+    if "cpu" in parts:
+        cpu_part(loaded, prompts, args.tokens, args.rounds)
     cache_dir = Path(tempfile.mkdtemp(prefix="general-path-cache-"))
-    server = Server(args.model, args.threads, cache_dir, {})
-    try:
-        print(f"float32: {server.path_line()}", flush=True)
-        nll, count = http_nll(server, chunks)
-        ref_nll, ref_count = hf_nll(loaded, chunks)
-        assert count == ref_count
-        ppl_http, ppl_hf = math.exp(nll / count), math.exp(ref_nll / ref_count)
-        print(f"perplexity over {count} tokens: HTTP {ppl_http:.4f}, transformers "
-              f"{ppl_hf:.4f}, ratio {ppl_http / ppl_hf:.5f}", flush=True)
-        rows = []
-        for round_ in range(args.rounds):
-            hf = generate_speed(loaded, prompts[0], args.tokens)
-            one = served_speed(server, prompts[:1], args.tokens)
-            eight = served_speed(server, prompts, args.tokens)
-            rows.append((hf, one, eight))
-            print(f"round {round_}: generate {hf:.1f} tok/s, served 1 client {one:.1f} "
-                  f"({one / hf:.2f}x), 8 clients {eight:.1f} total ({eight / hf:.2f}x)",
-                  flush=True)
-        hf, one, eight = (sorted(col)[len(col) // 2] for col in zip(*rows, strict=True))
-        print(f"median: 1 client {one / hf:.2f}x generate, 8 clients {eight / hf:.2f}x",
-              flush=True)
-    finally:
-        server.stop()
+    float_ppl = None
+    if parts & {"ppl", "served"}:
+        server = Server(args.model, args.threads, cache_dir, {})
+        try:
+            print(f"float32: {server.path_line()}", flush=True)
+            if "ppl" in parts:
+                float_ppl = perplexity_part(server, loaded, chunks)
+            if "served" in parts:
+                served_part(server, loaded, prompts, args.tokens, args.rounds)
+        finally:
+            server.stop()
+    if "int8" in parts:
+        server = Server(args.model, args.threads, cache_dir, {"QUANTSERVE_QUANTIZE": "int8"})
+        try:
+            print(f"int8: {server.path_line()}", flush=True)
+            nll8, count8 = http_nll(server, chunks)
+            ppl8 = math.exp(nll8 / count8)
+            versus = f"{100 * (ppl8 / float_ppl - 1):+.2f}% vs float" if float_ppl else ""
+            print(f"int8 perplexity over HTTP {ppl8:.4f} {versus}", flush=True)
+        finally:
+            server.stop()
 
-    server = Server(args.model, args.threads, cache_dir, {"QUANTSERVE_QUANTIZE": "int8"})
-    try:
-        print(f"int8: {server.path_line()}", flush=True)
-        nll8, count8 = http_nll(server, chunks)
-        ppl8 = math.exp(nll8 / count8)
-        print(f"int8 perplexity over HTTP {ppl8:.4f}: {100 * (ppl8 / ppl_http - 1):+.2f}% "
-              "vs float over HTTP", flush=True)
-    finally:
-        server.stop()
+
+def perplexity_part(server: Server, loaded: LoadedModel, chunks: list[list[int]]) -> float:
+    nll, count = http_nll(server, chunks)
+    ref_nll, ref_count = hf_nll(loaded, chunks)
+    assert count == ref_count
+    ppl_http, ppl_hf = math.exp(nll / count), math.exp(ref_nll / ref_count)
+    print(f"perplexity over {count} tokens: HTTP {ppl_http:.4f}, transformers "
+          f"{ppl_hf:.4f}, ratio {ppl_http / ppl_hf:.5f}", flush=True)
+    return ppl_http
+
+
+def served_part(
+    server: Server, loaded: LoadedModel, prompts: list[list[int]], tokens: int, rounds: int
+) -> None:
+    rows = []
+    for round_ in range(rounds):
+        hf = generate_speed(loaded, prompts[0], tokens)
+        one = served_speed(server, prompts[:1], tokens)
+        eight = served_speed(server, prompts, tokens)
+        rows.append((hf, one, eight))
+        print(f"round {round_}: generate {hf:.1f} tok/s, served 1 client {one:.1f} "
+              f"({one / hf:.2f}x), 8 clients {eight:.1f} total ({eight / hf:.2f}x)",
+              flush=True)
+    hf, one, eight = (sorted(col)[len(col) // 2] for col in zip(*rows, strict=True))
+    print(f"median: 1 client {one / hf:.2f}x generate, 8 clients {eight / hf:.2f}x",
+          flush=True)
 
 
 if __name__ == "__main__":
