@@ -194,18 +194,39 @@ class GeneralRunner:
     @torch.inference_mode()
     def prefill(
         self, cache: KVCache, block_ids: list[int], token_ids: list[int], *, start: int = 0,
-        all_logits: bool = False,
+        chunk: int | None = None, all_logits: bool = False,
     ) -> torch.Tensor:
         """Write the KV of `token_ids[start:]` into the sequence's blocks (the
         first `start` already there: a cached prefix); float32 logits
-        `[T - start, vocab]` when `all_logits`, else `[1, vocab]`."""
+        `[T - start, vocab]` when `all_logits`, else `[1, vocab]`.
+
+        Runs in chunks of `chunk` tokens (default: all at once) aligned to
+        multiples of `chunk` from the first token, `start` being one, as the
+        lean runner does: a prefill after a cached prefix then computes the
+        numbers a prefill from scratch computes.
+        """
         total = len(token_ids)
+        chunk = chunk or total
+        if start % chunk or not 0 <= start < total:
+            raise ValueError(f"prefill start {start} is not a multiple of {chunk} below {total}")
         rows = cache.slot_rows(block_ids, total)
-        ids = torch.tensor([token_ids[start:]], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, total, device=self.device)
-        step = PagedStep(cache, rows[start:], rows[None] if start else None, total)
-        lengths = torch.tensor([total], device=self.device)
-        masks = self._masks(positions[None], torch.arange(total, device=self.device), lengths)
+        logits = [
+            self._prefill_span(cache, rows, token_ids, begin, min(begin + chunk, total),
+                               all_logits)
+            for begin in range(start, total, chunk)
+        ]
+        return torch.cat(logits) if all_logits else logits[-1]
+
+    def _prefill_span(
+        self, cache: KVCache, rows: torch.Tensor, token_ids: list[int], begin: int, end: int,
+        all_logits: bool,
+    ) -> torch.Tensor:
+        """Tokens `begin:end`, attending over keys `0:end`."""
+        ids = torch.tensor([token_ids[begin:end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(begin, end, device=self.device)
+        step = PagedStep(cache, rows[begin:end], rows[None, :end] if begin else None, end)
+        lengths = torch.tensor([end], device=self.device)
+        masks = self._masks(positions[None], torch.arange(end, device=self.device), lengths)
         logits = self._forward(ids, positions[None], step, masks, 0 if all_logits else 1)
         return logits[0]
 

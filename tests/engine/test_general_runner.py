@@ -69,17 +69,23 @@ def test_greedy_alone_and_batched_equals_generate(loaded: LoadedModel) -> None:
     assert _greedy(runner, cache, tables, PROMPTS) == expected
 
 
-def test_prefill_after_a_cached_prefix_equals_the_full_forward(loaded: LoadedModel) -> None:
+def test_prefill_after_a_cached_prefix_equals_one_from_scratch(loaded: LoadedModel) -> None:
+    """In aligned chunks, a prefill after a cached prefix computes exactly what
+    a prefill from scratch does, and both match the model's own forward."""
     runner = GeneralRunner(loaded.model)
     prompt = PROMPTS[0]
-    cache, tables = scratch_cache(runner, 1, len(prompt))
+    cache, tables = scratch_cache(runner, 2, len(prompt))
+    scratch = runner.prefill(cache, tables[1], prompt, chunk=8, all_logits=True)
     runner.prefill(cache, tables[0], prompt[:8])
-    tail = runner.prefill(cache, tables[0], prompt, start=8, all_logits=True)
+    tail = runner.prefill(cache, tables[0], prompt, start=8, chunk=8, all_logits=True)
+    assert torch.equal(tail, scratch[8:])
     with torch.inference_mode():
         full = loaded.model(torch.tensor([prompt])).logits[0].float()
-    torch.testing.assert_close(tail, full[8:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scratch, full, rtol=1e-4, atol=1e-4)
     last = runner.prefill(cache, tables[0], prompt)
     torch.testing.assert_close(last, full[-1:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple"):
+        runner.prefill(cache, tables[0], prompt, start=5, chunk=8)
 
 
 def test_kv_spec_matches_the_configuration(loaded: LoadedModel) -> None:
