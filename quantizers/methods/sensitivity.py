@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,34 @@ class _Reference:
         return torch.logsumexp(z, dim=-1) - self.lse - shift
 
 
+def _final_norm(parent: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The one norm beside the decoder blocks (`norm`, `ln_f`, `final_layer_norm`...)."""
+    norms = [
+        module for module in parent.children()
+        if module is not blocks and isinstance(module._parameters.get("weight"), Tensor)
+        and module._parameters["weight"].dim() == 1
+    ]
+    return norms[0] if len(norms) == 1 else None
+
+
+class _Tail(nn.Module):
+    """Final norm, head, and the logit transforms transformers' heads apply
+    after it (Granite's `logits_scaling`, Gemma's `final_logit_softcapping`)."""
+
+    def __init__(self, norm: nn.Module, head: nn.Linear, config: Any) -> None:
+        super().__init__()
+        self.norm = norm
+        self.head = head
+        self.scaling = float(getattr(config, "logits_scaling", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logits = self.head(self.norm(hidden)) / self.scaling
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 @dataclass(frozen=True)
 class _Site:
     """Where a layer sits: its block index (None: the head) and its module."""
@@ -84,9 +113,9 @@ class SensitivityProbe:
     def __init__(self, model: nn.Module, batches: Sequence[Tensor]) -> None:
         blocks_name, blocks = decoder_blocks(model)
         parent = model.get_submodule(blocks_name.rpartition(".")[0])
-        norm = getattr(parent, "norm", None)
+        norm = _final_norm(parent, blocks)
         head = model.get_output_embeddings()
-        if not isinstance(norm, nn.Module) or not isinstance(head, nn.Linear):
+        if norm is None or not isinstance(head, nn.Linear):
             raise ConfigError(
                 "measuring sensitivities needs a decoder with a final norm and a linear head",
                 "method",
@@ -95,7 +124,7 @@ class SensitivityProbe:
         self._blocks = blocks
         self._blocks_name = blocks_name
         self._head_name = next(n for n, m in model.named_modules() if m is head)
-        self._tail = nn.Sequential(norm, head)
+        self._tail = _Tail(norm, head, model.config)
         dtype = head.weight.dtype
         calls = capture_first_block_inputs(model, blocks, batches, dtype=dtype)
         self._inputs: list[list[BlockCall]] = []

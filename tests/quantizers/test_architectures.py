@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "int4": ({"group_size": 32}, 0.5),
     "gptq": ({"group_size": 32}, 0.5),
     "bnb-int8": ({}, 0.06),
+    "mixed": ({"target_bits_per_weight": 6.0}, 0.5),
 }
 
 
