@@ -274,8 +274,13 @@ class QuantContext:
                     targets.append(LayerTarget(name, module, layer_config))
         return targets
 
+    def cancelled(self) -> bool:
+        """Whether the caller asked to stop; a nested start method's context
+        takes this as its own `should_cancel`."""
+        return self._should_cancel is not None and self._should_cancel()
+
     def check_cancel(self) -> None:
-        if self._should_cancel is not None and self._should_cancel():
+        if self.cancelled():
             raise QuantizationCancelled(
                 f"cancelled after {self.done} of {len(self.targets)} layers"
             )

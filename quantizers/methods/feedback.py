@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.calibration import collect_activation_stats
-from quantizers.errors import ConfigError, QuantizationCancelled
+from quantizers.errors import ConfigError
 from quantizers.methods.block_walk import compute_in_bf16, stack_batches
 from quantizers.methods.grid_refinement import ChannelGrid, GroupGrid, padded_to
 from quantizers.methods.sensitivity import measured_kl
@@ -120,14 +120,7 @@ def _start(model: nn.Module, config: FeedbackConfig, ctx: QuantContext) -> Quant
     method = get_method(config.start["method"])
     start_config = method.make_config({"skip": config.skip, **(config.start.get("config") or {})})
 
-    def cancelled() -> bool:
-        try:
-            ctx.check_cancel()
-        except QuantizationCancelled:
-            return True
-        return False
-
-    start_ctx = QuantContext(model, start_config, ctx.calibration, None, cancelled)
+    start_ctx = QuantContext(model, start_config, ctx.calibration, None, ctx.cancelled)
     method.apply(model, start_config, start_ctx)
     ctx.extra.update(start_ctx.extra)
     return start_ctx

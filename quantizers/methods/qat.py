@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from quantizers.errors import ConfigError, QuantizationCancelled
+from quantizers.errors import ConfigError
 from quantizers.methods.block_walk import decoder_blocks
 from quantizers.methods.qat_data import cut_sequences, generated_sequences
 from quantizers.methods.qat_train import (
@@ -153,14 +153,7 @@ def _apply_start(
     what it quantised."""
     name, start_config = config.start_method()
 
-    def cancelled() -> bool:
-        try:
-            ctx.check_cancel()
-        except QuantizationCancelled:
-            return True
-        return False
-
-    start_ctx = QuantContext(model, start_config, list(sequences.split(1)), None, cancelled)
+    start_ctx = QuantContext(model, start_config, list(sequences.split(1)), None, ctx.cancelled)
     get_method(name).apply(model, start_config, start_ctx)
     ctx.extra.update(start_ctx.extra)
     return start_ctx
