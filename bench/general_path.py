@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -159,31 +160,30 @@ def served_speed(server: Server, prompts: list[list[int]], tokens: int) -> float
     return sum(count for count, _ in results) / (time.perf_counter() - started)
 
 
-def generate_speed(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
-    """transformers' `generate` decode tokens/s at batch 1 (prefill timed apart)."""
+def _generate_decode_seconds(
+    loaded: LoadedModel, prompt: list[int], tokens: int, clock: Callable[[], float]
+) -> float:
+    """`clock` seconds per decode token of transformers' `generate` at batch 1
+    (a one-token run is timed apart and taken off as the prefill)."""
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        start = time.perf_counter()
+        start = clock()
         loaded.model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
+        prefill = clock() - start
+        start = clock()
         loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
                               do_sample=False)
-        whole = time.perf_counter() - start
-    return (tokens - 1) / (whole - prefill)
+        return (clock() - start - prefill) / (tokens - 1)
+
+
+def generate_speed(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
+    """transformers' `generate` decode tokens/s at batch 1 (prefill timed apart)."""
+    return 1.0 / _generate_decode_seconds(loaded, prompt, tokens, time.perf_counter)
 
 
 def generate_cpu(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
     """CPU seconds per decode token of `generate` at batch 1."""
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        start = time.process_time()
-        loaded.model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        prefill = time.process_time() - start
-        start = time.process_time()
-        loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False)
-        return (time.process_time() - start - prefill) / (tokens - 1)
+    return _generate_decode_seconds(loaded, prompt, tokens, time.process_time)
 
 
 def runner_cpu(runner: GeneralRunner, prompts: list[list[int]], tokens: int) -> float:

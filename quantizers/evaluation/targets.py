@@ -94,9 +94,14 @@ def _gptq(rows: list[Row], base: Row) -> list[Verdict]:
     name = "gptq int4 g128 closes >= 40% of RTN int4 g128's perplexity gap"
     if gptq is None or rtn is None:
         return [Verdict(name, "", None)]
-    gap = rtn["perplexity"] - base["perplexity"]
-    closed = (rtn["perplexity"] - gptq["perplexity"]) / gap if gap > 0 else 0.0
+    closed = _gap_closed(gptq, rtn, base)
     return [Verdict(name, f"{closed:.0%} closed", closed >= 0.4)]
+
+
+def _gap_closed(row: Row, rtn: Row, base: Row) -> float:
+    """The share of RTN's perplexity gap to float that `row` closes (0 without a gap)."""
+    gap = rtn["perplexity"] - base["perplexity"]
+    return (rtn["perplexity"] - row["perplexity"]) / gap if gap > 0 else 0.0
 
 
 def _feedback(rows: list[Row], base: Row) -> list[Verdict]:
@@ -139,8 +144,7 @@ def _qat(rows: list[Row], base: Row) -> list[Verdict]:
     gap_name = "qat int4 g128 closes >= 80% of RTN int4 g128's perplexity gap"
     if qat is None or rtn is None:
         return [Verdict(gap_name, "", None)]
-    gap = rtn["perplexity"] - base["perplexity"]
-    closed = (rtn["perplexity"] - qat["perplexity"]) / gap if gap > 0 else 0.0
+    closed = _gap_closed(qat, rtn, base)
     verdicts = [Verdict(gap_name, f"{closed:.0%} closed ({qat['perplexity']:.3f})",
                         closed >= 0.8)]
     others = [_find(rows, "gptq", bits=4, group_size=128), _find(rows, "feedback")]
