@@ -2,7 +2,8 @@
 
 Calibrated methods (GPTQ) must see each layer's inputs as the *quantised* model
 will produce them, and must not hold the whole network's activations at once.
-So the inputs of the first decoder block are captured once, then each block
+So the inputs of the first decoder block (and what every block gets besides
+the hidden states: masks, rotary tables) are captured once, then each block
 is quantised and run on them to produce the next block's inputs: memory holds
 one block's activations for the calibration set, never more.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,19 +28,30 @@ _TOKENS_PER_CALL = 2048
 
 
 class _Captured(Exception):
-    """Stops the model's forward once the first block's inputs are recorded."""
+    """Stops the model's forward once every block's inputs are recorded."""
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    """What one block gets besides the hidden states: positional arguments after
+    them (GPT-2 passes its mask so) and keyword ones (rotary, masks, positions)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class BlockCall:
-    """The arguments one forward call passes to a decoder block.
+    """The arguments one forward call passes to the decoder blocks.
 
-    hidden is the residual stream; kwargs carry what every block gets the same
-    (position embeddings, attention mask, position ids).
+    hidden is the residual stream entering the block being walked; blocks[i]
+    is what block i gets besides it. They differ between blocks where a model
+    mixes layer kinds: Gemma 2/3 give sliding-window layers their own mask
+    and rotary table, so one block's arguments would run another wrongly.
     """
 
     hidden: Tensor
-    kwargs: dict[str, Any]
+    blocks: tuple[BlockArgs, ...]
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -68,40 +80,75 @@ def stack_batches(batches: Sequence[Tensor]) -> list[Tensor]:
     return stacked
 
 
-def capture_first_block_inputs(
+def capture_block_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
     batches: Sequence[Tensor],
     dtype: torch.dtype = COMPUTE_DTYPE,
 ) -> list[BlockCall]:
-    """What blocks[0] receives for each calibration call (embeddings, masks, rotary),
-    every floating tensor in `dtype`: the dtype of the blocks they will be fed to."""
+    """What blocks[0] receives for each calibration call (embeddings), with what
+    every block receives besides (masks, rotary), every floating tensor in
+    `dtype`: the dtype of the blocks they will be fed to.
+
+    Block 0 runs for real once per call; the later blocks' forwards are
+    replaced for the pass by a recorder that hands block 0's output on
+    unchanged (a valid block output, whatever form the model expects) and
+    the last stops the model, so capturing costs about one block's forward.
+    """
     calls: list[BlockCall] = []
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []  # per block, this call
+    entry: dict[str, Any] = {}  # block 0's input hidden states and output
 
-    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        extra = {k: _in_dtype(v, dtype) for k, v in kwargs.items() if k != "hidden_states"}
-        calls.append(BlockCall(hidden.to(dtype), extra))
-        raise _Captured
+    def recorder(index: int, forward: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            hidden, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            seen.append((args, kwargs))
+            if index == 0:
+                entry["hidden"] = hidden
+            if index == len(blocks) - 1:
+                raise _Captured
+            if index == 0:
+                entry["output"] = forward(hidden, *args, **kwargs)
+            return entry["output"]
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return record
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index, block.forward)
     try:
         for ids in stack_batches(batches):
-            try:
+            seen.clear()
+            with suppress(_Captured):
                 model(input_ids=ids, use_cache=False)
-            except _Captured:
-                continue
+            # Tensors shared by several blocks (one mask for all global layers)
+            # are cast once and stay shared.
+            cast: dict[int, Tensor] = {}
+            calls.append(
+                BlockCall(
+                    entry["hidden"].to(dtype),
+                    tuple(
+                        BlockArgs(
+                            _in_dtype(args, dtype, cast),
+                            {k: _in_dtype(v, dtype, cast) for k, v in kwargs.items()},
+                        )
+                        for args, kwargs in seen
+                    ),
+                )
+            )
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
     return calls
 
 
-def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
+def _in_dtype(value: Any, dtype: torch.dtype, cast: dict[int, Tensor]) -> Any:
     """Floating tensors (rotary cos/sin, additive masks) cast to dtype, in tuples too."""
     if isinstance(value, Tensor) and value.is_floating_point():
-        return value.to(dtype)
+        if id(value) not in cast:
+            cast[id(value)] = value.to(dtype)
+        return cast[id(value)]
     if isinstance(value, tuple):
-        return tuple(_in_dtype(v, dtype) for v in value)
+        return tuple(_in_dtype(v, dtype, cast) for v in value)
     return value
 
 
@@ -128,19 +175,20 @@ def compute_in_bf16() -> Iterator[None]:
         yield
 
 
-def block_output(block: nn.Module, call: BlockCall) -> Tensor:
-    """The block's output hidden states for one call, in the block's dtype."""
-    out = block(call.hidden, **call.kwargs)
+def block_output(block: nn.Module, call: BlockCall, index: int) -> Tensor:
+    """Block `index`'s output hidden states for one call, in the block's dtype."""
+    inputs = call.blocks[index]
+    out = block(call.hidden, *inputs.args, **inputs.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_block(block: nn.Module, call: BlockCall) -> Tensor:
-    """The block's output hidden states for one call, in bfloat16."""
-    return block_output(block, call).to(COMPUTE_DTYPE)
+def run_block(block: nn.Module, call: BlockCall, index: int) -> Tensor:
+    """Block `index`'s output hidden states for one call, in bfloat16."""
+    return block_output(block, call, index).to(COMPUTE_DTYPE)
 
 
-def advance(block: nn.Module, calls: Sequence[BlockCall]) -> list[BlockCall]:
+def advance(block: nn.Module, calls: Sequence[BlockCall], index: int) -> list[BlockCall]:
     """The next block's calls: each call's hidden states passed through a
-    bfloat16 `working_copy` of a block."""
+    bfloat16 `working_copy` of block `index`."""
     with torch.no_grad():
-        return [replace(call, hidden=run_block(block, call)) for call in calls]
+        return [replace(call, hidden=run_block(block, call, index)) for call in calls]

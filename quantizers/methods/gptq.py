@@ -20,7 +20,7 @@ from quantizers.errors import ConfigError
 from quantizers.methods.block_walk import (
     BlockCall,
     advance,
-    capture_first_block_inputs,
+    capture_block_inputs,
     compute_in_bf16,
     decoder_blocks,
     run_block,
@@ -188,7 +188,11 @@ def quantize_group(
 
 
 def _solve_block(
-    ctx: QuantContext, block: nn.Module, calls: Sequence[BlockCall], targets: list[LayerTarget]
+    ctx: QuantContext,
+    block: nn.Module,
+    index: int,
+    calls: Sequence[BlockCall],
+    targets: list[LayerTarget],
 ) -> nn.Module:
     """Solve and swap in the block's targets; its bf16 working copy holds their results."""
     work = working_copy(block)
@@ -200,7 +204,7 @@ def _solve_block(
             for call in calls:
                 ctx.check_cancel()
                 with contextlib.suppress(AllInputsSeen):
-                    run_block(work, call)
+                    run_block(work, call, index)
                 recorder.next_call()
     finally:
         recorder.close()
@@ -242,12 +246,13 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantContext) -> None:
         index = block_of.get(id(target.module))
         (outside if index is None else per_block[index]).append(target)
 
-    calls = capture_first_block_inputs(model, blocks, batches)
+    calls = capture_block_inputs(model, blocks, batches)
     for index, block in enumerate(blocks):
         ctx.check_cancel()
-        work = _solve_block(ctx, block, calls, per_block[index]) if per_block[index] else None
+        targets = per_block[index]
+        work = _solve_block(ctx, block, index, calls, targets) if targets else None
         if index + 1 < len(blocks) and any(per_block[index + 1 :]):
-            calls = advance(work if work is not None else working_copy(block), calls)
+            calls = advance(work if work is not None else working_copy(block), calls, index)
     del calls
     if ctx.tied_head in {t.name for t in outside}:
         tied = next(t for t in outside if t.name == ctx.tied_head)

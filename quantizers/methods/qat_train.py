@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from quantizers.methods.block_walk import (
     block_output,
-    capture_first_block_inputs,
+    capture_block_inputs,
     compute_in_bf16,
     decoder_blocks,
     run_block,
@@ -78,8 +78,10 @@ class Progress:
         rates = {phase: self.seconds[phase] / self.done[phase] for phase in self.done}
         if "end_to_end" not in rates and "block" in rates:
             rates["end_to_end"] = rates["block"] * self.e2e_cost
-        return sum((self.steps[phase] - self.done.get(phase, 0)) * rates.get(phase, 0.0)
-                   for phase in self.steps)
+        return sum(
+            (self.steps[phase] - self.done.get(phase, 0)) * rates.get(phase, 0.0)
+            for phase in self.steps
+        )
 
     def step(self, phase: str, loss: float) -> None:
         now = time.perf_counter()
@@ -87,8 +89,13 @@ class Progress:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
         self.last = now
         done = sum(self.done.values())
-        detail = {"phase": phase, "step": done, "steps": self.total, "loss": loss,
-                  "eta_s": round(self._seconds_left(), 1)}
+        detail = {
+            "phase": phase,
+            "step": done,
+            "steps": self.total,
+            "loss": loss,
+            "eta_s": round(self._seconds_left(), 1),
+        }
         self.report(done, self.total, detail)
         self.cancel()
 
@@ -146,14 +153,16 @@ class Layers:
     floats: dict[str, Tensor]
     latent: str
 
-    def install(self, model: nn.Module, names: Sequence[str], latent: str | None
-                ) -> dict[str, FakeQuantLinear]:
+    def install(
+        self, model: nn.Module, names: Sequence[str], latent: str | None
+    ) -> dict[str, FakeQuantLinear]:
         """Swap the named runtime modules for their training form (trained
         layers with a latent weight unless `latent` is None, others fixed)."""
         fakes = {}
         for name in names:
             fake = FakeQuantLinear.from_runtime(
-                model.get_submodule(name), self.floats[name],
+                model.get_submodule(name),
+                self.floats[name],
                 latent if name in self.trained else None,
             )
             install(model, name, fake)
@@ -183,20 +192,20 @@ def train_blocks(
     training form; the others stay packed runtime modules."""
     _, blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
-    calls = [call for ids in micro_batches
-             for call in capture_first_block_inputs(model, blocks, [ids])]
+    calls = [call for ids in micro_batches for call in capture_block_inputs(model, blocks, [ids])]
     quant_in = [call.hidden for call in calls]
     float_in = quant_in
     curves: list[list[float]] = []
-    for block in blocks:
+    for index, block in enumerate(blocks):
         base = prefix[id(block)]
-        names = [f"{base}.{n}" for n, _ in block.named_modules()
-                 if f"{base}.{n}" in layers.floats]
+        names = [f"{base}.{n}" for n, _ in block.named_modules() if f"{base}.{n}" in layers.floats]
         fakes = layers.install(model, names, layers.latent)
         trained = [fakes[n] for n in names if n in layers.trained]
         with teacher(list(fakes.values())), compute_in_bf16():
-            targets = [run_block(block, replace(c, hidden=h)) for c, h in zip(calls, float_in,
-                                                                               strict=True)]
+            targets = [
+                run_block(block, replace(c, hidden=h), index)
+                for c, h in zip(calls, float_in, strict=True)
+            ]
         curve: list[float] = []
         groups = _block_params(trained, settings) if trained else []
         if groups and settings.block_steps:
@@ -205,7 +214,7 @@ def train_blocks(
             with only_trained(model, params):
                 for step in range(settings.block_steps):
                     j = step % len(calls)
-                    out = block_output(block, replace(calls[j], hidden=quant_in[j]))
+                    out = block_output(block, replace(calls[j], hidden=quant_in[j]), index)
                     loss = relative_error(out, targets[j])
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
@@ -216,8 +225,10 @@ def train_blocks(
         for fake in fakes.values():
             fake.freeze()
         with compute_in_bf16():
-            quant_in = [run_block(block, replace(c, hidden=h)) for c, h in zip(calls, quant_in,
-                                                                               strict=True)]
+            quant_in = [
+                run_block(block, replace(c, hidden=h), index)
+                for c, h in zip(calls, quant_in, strict=True)
+            ]
         layers.restore(model, fakes)
         float_in = targets
         curves.append(curve)

@@ -32,7 +32,7 @@ from quantizers.errors import ConfigError
 from quantizers.methods.block_walk import (
     BlockCall,
     block_output,
-    capture_first_block_inputs,
+    capture_block_inputs,
     decoder_blocks,
 )
 
@@ -74,8 +74,10 @@ class _Reference:
 def _final_norm(parent: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
     """The one norm beside the decoder blocks (`norm`, `ln_f`, `final_layer_norm`...)."""
     norms = [
-        module for module in parent.children()
-        if module is not blocks and isinstance(module._parameters.get("weight"), Tensor)
+        module
+        for module in parent.children()
+        if module is not blocks
+        and isinstance(module._parameters.get("weight"), Tensor)
         and module._parameters["weight"].dim() == 1
     ]
     return norms[0] if len(norms) == 1 else None
@@ -126,12 +128,12 @@ class SensitivityProbe:
         self._head_name = next(n for n, m in model.named_modules() if m is head)
         self._tail = _Tail(norm, head, model.config)
         dtype = head.weight.dtype
-        calls = capture_first_block_inputs(model, blocks, batches, dtype=dtype)
+        calls = capture_block_inputs(model, blocks, batches, dtype=dtype)
         self._inputs: list[list[BlockCall]] = []
         with torch.no_grad():
-            for block in blocks:
+            for index, block in enumerate(blocks):
                 self._inputs.append(calls)
-                calls = [replace(call, hidden=block_output(block, call)) for call in calls]
+                calls = [replace(call, hidden=block_output(block, call, index)) for call in calls]
             self._final = [call.hidden for call in calls]
             self._reference = [_Reference.of(self._tail(h)) for h in self._final]
         self.tokens = sum(int(h.shape[0] * h.shape[1]) for h in self._final)
@@ -161,8 +163,9 @@ class SensitivityProbe:
                     else:
                         call = self._inputs[site.block][index]
                         hidden = call.hidden
-                        for block in self._blocks[site.block :]:
-                            hidden = block_output(block, replace(call, hidden=hidden))
+                        for index in range(site.block, len(self._blocks)):
+                            block = self._blocks[index]
+                            hidden = block_output(block, replace(call, hidden=hidden), index)
                     total += float(reference.kl(self._tail(hidden)).sum())
         finally:
             site.module.weight.data = original
