@@ -260,9 +260,7 @@ class QuantContext:
                 f"{type(old).__name__} is not a plain row lookup; it stays in float"
             )
             return
-        self.model.set_input_embeddings(
-            as_embedding(getattr(old, "padding_idx", None), multiplier)
-        )
+        self.model.set_input_embeddings(as_embedding(getattr(old, "padding_idx", None), multiplier))
         self.layers[self.tied_head]["tied_embedding"] = True
 
     def _find_targets(self) -> list[LayerTarget]:
@@ -447,6 +445,25 @@ def _quantised_bits(model: nn.Module, layers: Mapping[str, Any]) -> float:
     return 8.0 * stored / count if count else 0.0
 
 
+def _kept_in_float(model: nn.Module, config: MethodConfig, tied_head: str | None) -> dict[str, str]:
+    """Every linear layer the method left in float, with why: what a method did
+    not quantise (a 262k-row tied head, a layer the plan keeps) is reported
+    as plainly as what it did."""
+    kept = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        reason = (
+            "the config's skip list or overrides leave it in float"
+            if config.for_layer(name) is None
+            else "the method left it in float"
+        )
+        if name == tied_head:
+            reason += "; it is tied to the input embedding, which stays in float with it"
+        kept[name] = reason
+    return kept
+
+
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast float parameters (embeddings, norms, skipped linears) to `dtype`.
 
@@ -487,6 +504,7 @@ def quantize(
     with torch.no_grad():
         entry.apply(model, cfg, ctx)
     ctx.share_tied_embedding()
+    ctx.extra["float_layers"] = _kept_in_float(model, cfg, ctx.tied_head)
     _cast_parameters(model, COMPUTE_DTYPE)
     return QuantReport(
         method=method,

@@ -23,8 +23,9 @@ from quantizers.serialization import build_from_state, quantized_state
 from tests.helpers.tiny_architectures import ARCHITECTURES, write_tiny_architecture
 
 IDS = torch.tensor([list(range(30, 54))])
-CALIBRATION = [torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(i))
-               for i in range(4)]
+CALIBRATION = [
+    torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)
+]
 # Relative error of the logits each method must stay under on these tiny models.
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "int8": ({}, 0.05),
@@ -38,11 +39,10 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> (
-    LoadedModel
-):
-    return load_model(write_tiny_architecture(tmp_path_factory.mktemp(request.param),
-                                              request.param))
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(
+        write_tiny_architecture(tmp_path_factory.mktemp(request.param), request.param)
+    )
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -108,3 +108,22 @@ def test_a_scaled_tied_embedding_shares_the_int8_head(tmp_path: Path) -> None:
     assert loaded.model.get_input_embeddings().multiplier == pytest.approx(64**0.5)
     out = _logits(loaded.model)
     assert float((out - reference).norm() / reference.norm()) < 0.05
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8-dynamic"])
+def test_every_linear_is_quantised_or_reported_in_float(loaded: LoadedModel, method: str) -> None:
+    """int8 quantises the head (tied or not); w8a8 leaves it in float, and the
+    report says so, naming the tie where there is one."""
+    model = copy.deepcopy(loaded.model)
+    report = quantize(model, method, METHODS[method][0])
+    kept = report.extra["float_layers"]
+    linears = {n for n, m in loaded.model.named_modules() if type(m) is nn.Linear}
+    assert set(report.layers) | set(kept) == linears
+    assert not set(report.layers) & set(kept)
+    head = loaded.model.get_output_embeddings()
+    head_name = next(n for n, m in loaded.model.named_modules() if m is head)
+    tied = head.weight is loaded.model.get_input_embeddings().weight
+    if method == "int8":
+        assert head_name in report.layers
+    else:
+        assert ("tied to the input embedding" in kept[head_name]) == tied
