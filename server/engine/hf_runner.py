@@ -16,6 +16,14 @@ cache and the masks:
   already prepared, the way `generate` passes them, so the model builds none;
 * position ids are each sequence's own, so sequences of different lengths
   decode in one batch.
+
+One preparation, with the values untouched: float32 CPU linear weights are
+stored column-major (`weight.t().contiguous().t()`, the same `[out, in]`
+tensor with transposed strides), so `F.linear` hands MKL a plain `x @ W`
+instead of `x @ W^T`. At one row that is the same speed; at 8 rows (a
+batched decode step) it was 1.7-2x faster per matmul here, Gemma 3's
+262,144-row head included (115 vs 190 ms). Tied weights stay tied: the
+head's Parameter is the embedding's, and row lookups read any strides.
 """
 
 from __future__ import annotations
@@ -55,8 +63,12 @@ class PagedStep(Cache):
         self.length = length
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-        *args: Any, **kwargs: Any,
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k_pool, v_pool = self.pool.k[layer_idx], self.pool.v[layer_idx]
         batch, kv_heads, _, head_dim = key_states.shape
@@ -84,8 +96,12 @@ class _Probe(Cache):
         self.shapes: dict[int, tuple[int, int, torch.dtype]] = {}
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-        *args: Any, **kwargs: Any,
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if key_states.shape != value_states.shape:
             raise GeneralRunnerError(
@@ -116,10 +132,29 @@ def layer_windows(config: Any, layers: int) -> list[int | None]:
 Masks = torch.Tensor | dict[str, torch.Tensor]
 
 
+def column_major_linears(model: nn.Module) -> int:
+    """Store every float32 CPU `nn.Linear` weight column-major in place; returns
+    how many were re-laid. The old storage is freed as each is replaced."""
+    relaid = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and isinstance(weight, torch.Tensor)
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and weight.is_contiguous()
+        ):
+            weight.data = weight.data.t().contiguous().t()
+            relaid += 1
+    return relaid
+
+
 class GeneralRunner:
     """Prefill and batched decode of any transformers causal LM over a KV cache it is handed."""
 
     def __init__(self, model: nn.Module) -> None:
+        column_major_linears(model)
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -153,8 +188,11 @@ class GeneralRunner:
     @property
     def kv_spec(self) -> KVSpec:
         return KVSpec(
-            layers=self.spec_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
-            dtype=self.dtype, device=self.device,
+            layers=self.spec_layers,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
 
     @property
@@ -162,8 +200,9 @@ class GeneralRunner:
         """Nothing is prepared: the model's own modules run as they are."""
         return 0
 
-    def _masks(self, query_positions: torch.Tensor, key_positions: torch.Tensor,
-               lengths: torch.Tensor) -> Masks:
+    def _masks(
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor, lengths: torch.Tensor
+    ) -> Masks:
         """Additive masks `[B, 1, Q, K]`: key k is seen by query q of sequence b
         when k <= q, k < lengths[b] and, on sliding layers, k > q - window."""
         q = query_positions[:, None, :, None]
@@ -182,19 +221,33 @@ class GeneralRunner:
         return torch.where(seen, zero, torch.tensor(self.mask_min, dtype=self.dtype))
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, step: PagedStep, masks: Masks,
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        step: PagedStep,
+        masks: Masks,
         keep: int,
     ) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=masks, cache=step,
-            use_cache=True, logits_to_keep=keep,
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=masks,
+            cache=step,
+            use_cache=True,
+            logits_to_keep=keep,
         )
         return out.logits.float()
 
     @torch.inference_mode()
     def prefill(
-        self, cache: KVCache, block_ids: list[int], token_ids: list[int], *, start: int = 0,
-        chunk: int | None = None, all_logits: bool = False,
+        self,
+        cache: KVCache,
+        block_ids: list[int],
+        token_ids: list[int],
+        *,
+        start: int = 0,
+        chunk: int | None = None,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Write the KV of `token_ids[start:]` into the sequence's blocks (the
         first `start` already there: a cached prefix); float32 logits
@@ -211,14 +264,18 @@ class GeneralRunner:
             raise ValueError(f"prefill start {start} is not a multiple of {chunk} below {total}")
         rows = cache.slot_rows(block_ids, total)
         logits = [
-            self._prefill_span(cache, rows, token_ids, begin, min(begin + chunk, total),
-                               all_logits)
+            self._prefill_span(cache, rows, token_ids, begin, min(begin + chunk, total), all_logits)
             for begin in range(start, total, chunk)
         ]
         return torch.cat(logits) if all_logits else logits[-1]
 
     def _prefill_span(
-        self, cache: KVCache, rows: torch.Tensor, token_ids: list[int], begin: int, end: int,
+        self,
+        cache: KVCache,
+        rows: torch.Tensor,
+        token_ids: list[int],
+        begin: int,
+        end: int,
         all_logits: bool,
     ) -> torch.Tensor:
         """Tokens `begin:end`, attending over keys `0:end`."""
@@ -232,7 +289,10 @@ class GeneralRunner:
 
     @torch.inference_mode()
     def decode(
-        self, cache: KVCache, token_ids: torch.Tensor, positions: list[int],
+        self,
+        cache: KVCache,
+        token_ids: torch.Tensor,
+        positions: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
         """One decode step: `token_ids[i]` goes to position `positions[i]` of the

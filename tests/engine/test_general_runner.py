@@ -6,10 +6,12 @@ interleaved between sequences so that gathering by block table is exercised.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from quantizers.loading import LoadedModel, load_model
@@ -24,9 +26,7 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> (
-    LoadedModel
-):
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     directory = tmp_path_factory.mktemp(request.param)
     return load_model(write_tiny_architecture(directory, request.param))
 
@@ -36,18 +36,21 @@ def _expected(model_dir: Path, prompt: list[int]) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, pad_token_id=EOS_ID,
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=EOS_ID,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
-def _greedy(runner: GeneralRunner, cache: KVCache, tables: list[list[int]],
-            prompts: list[list[int]]) -> list[list[int]]:
+def _greedy(
+    runner: GeneralRunner, cache: KVCache, tables: list[list[int]], prompts: list[list[int]]
+) -> list[list[int]]:
     """Greedy decoding of `prompts` together, each prefilled alone, then batched decode."""
     tokens = [
-        int(runner.prefill(cache, t, p)[-1].argmax())
-        for t, p in zip(tables, prompts, strict=True)
+        int(runner.prefill(cache, t, p)[-1].argmax()) for t, p in zip(tables, prompts, strict=True)
     ]
     positions = [len(p) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
@@ -88,6 +91,20 @@ def test_prefill_after_a_cached_prefix_equals_one_from_scratch(loaded: LoadedMod
         runner.prefill(cache, tables[0], prompt, start=5, chunk=8)
 
 
+def test_float_weights_are_laid_column_major_with_the_same_values(loaded: LoadedModel) -> None:
+    model = copy.deepcopy(loaded.model)
+    linears = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear
+    }
+    ids = torch.tensor([PROMPTS[0]])
+    embedded = model.get_input_embeddings()(ids)
+    GeneralRunner(model)
+    for name, weight in linears.items():
+        now = model.get_submodule(name).weight
+        assert now.t().is_contiguous() and torch.equal(now, weight), name
+    assert torch.equal(model.get_input_embeddings()(ids), embedded)
+
+
 def test_kv_spec_matches_the_configuration(loaded: LoadedModel) -> None:
     config = loaded.model.config
     spec = GeneralRunner(loaded.model).kv_spec
@@ -99,15 +116,27 @@ def test_kv_spec_matches_the_configuration(loaded: LoadedModel) -> None:
 
 
 def test_the_lean_runner_serves_only_the_llama_families_without_a_short_window() -> None:
-    llama = AutoModelForCausalLM.from_config(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        vocab_size=64,
-    ))
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+        )
+    )
     assert choose_runner(llama, 512).path == "lean"
-    mistral = AutoModelForCausalLM.from_config(MistralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, sliding_window=128,
-    ))
+    mistral = AutoModelForCausalLM.from_config(
+        MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+            sliding_window=128,
+        )
+    )
     assert choose_runner(mistral, 128).path == "lean"
     windowed = choose_runner(mistral, 512)
     assert windowed.path == "general" and "sliding window of 128" in windowed.reason
