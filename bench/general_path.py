@@ -6,18 +6,24 @@ transformers' own forward and `generate` in this process:
 * perplexity over HTTP (`echo` + `logprobs` on the prompt) against
   transformers' perplexity on the same windows, float32; then the int8
   variant's perplexity over HTTP against the float one;
-* decode tokens/s of one streaming client, and total tokens/s of 8 concurrent
-  clients, against `generate` at batch 1, alternating rounds so that load
-  from other processes hits both alike (report the ratios);
-* `cpu`: the same comparison in process by CPU time (`process_time`), the
+* `served`: decode tokens/s of one streaming client, and total tokens/s of
+  8 concurrent clients, against `generate` at batch 1, alternating rounds so
+  that load from other processes hits both alike (report the ratios); by
+  wall time and by CPU time (the server process's, HTTP and all, against
+  this process's for `generate`);
+* `quant`: each of `--methods` quantised at start-up (cold), then started
+  again from the artifact cache: seconds to ready, the server's peak RSS
+  (quantisation included) and perplexity over HTTP against the float one;
+* `cpu`: the decode comparison in process by CPU time (`process_time`), the
   general runner's decode at batch 1 and 8 against `generate`: on a machine
   shared with other loads, wall time measures the neighbours, CPU time less so.
 
-No non-Llama model small enough ships in a package here, so the default is
-the embedded SmolLM2 (a Llama) forced onto the general path; any local GGUF
-or HF directory can be given with --model.
+The default model is the embedded SmolLM2 (a Llama) forced onto the general
+path; `--model` takes any local GGUF or HF directory, e.g. Gemma 3 270M
+fetched by bench/bench_models.py:
 
-    .venv/bin/python bench/general_path.py --threads 2
+    GEMMA=$(.venv/bin/python bench/bench_models.py gemma-3-270m)
+    .venv/bin/python bench/general_path.py --model "$GEMMA" --threads 2 --methods int8,int4,gptq
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,7 +53,8 @@ from quantizers.loading import LoadedModel, load_model  # noqa: E402
 from server.engine.hf_runner import GeneralRunner  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 
-PARTS = ("ppl", "served", "int8", "cpu")
+PARTS = ("ppl", "served", "quant", "cpu")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -69,16 +75,25 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.log = Path(tempfile.mkdtemp(prefix="general-path-")) / "server.log"
-        full = {**os.environ, "QUANTSERVE_RUNNER": "general", "QUANTSERVE_DTYPE": "float32",
-                "QUANTSERVE_CACHE_DIR": str(cache_dir),
-                "QUANTSERVE_NUM_THREADS": str(threads), "QUANTSERVE_MODEL_ID": "m",
-                "QUANTSERVE_MAX_NUM_SEQS": "8", **env}
+        full = {
+            **os.environ,
+            "QUANTSERVE_RUNNER": "general",
+            "QUANTSERVE_DTYPE": "float32",
+            "QUANTSERVE_CACHE_DIR": str(cache_dir),
+            "QUANTSERVE_NUM_THREADS": str(threads),
+            "QUANTSERVE_MODEL_ID": "m",
+            "QUANTSERVE_MAX_NUM_SEQS": "8",
+            **env,
+        }
         if model:
             full["QUANTSERVE_MODEL"] = model
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
-                cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=full,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 900
@@ -98,6 +113,17 @@ class Server:
         self.process.terminate()
         self.process.wait(timeout=60)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+    def peak_rss_mib(self) -> float:
+        """The server process's peak resident memory (VmHWM), MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
+        line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
     def path_line(self) -> str:
         lines = self.log.read_text().splitlines()
         return next((line for line in lines if "runner serves" in line), "?")
@@ -111,8 +137,14 @@ def http_nll(server: Server, chunks: list[list[int]]) -> tuple[float, int]:
     """Summed negative log-likelihood of every token after the first of each chunk."""
     total, count = 0.0, 0
     for chunk in chunks:
-        body = {"model": "m", "prompt": chunk, "max_tokens": 1, "echo": True, "logprobs": 0,
-                "temperature": 0}
+        body = {
+            "model": "m",
+            "prompt": chunk,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0,
+        }
         logprobs = post(f"{server.url}/v1/completions", body)["choices"][0]["logprobs"]
         prompt = logprobs["token_logprobs"][1 : len(chunk)]
         total -= sum(prompt)
@@ -134,10 +166,10 @@ def hf_nll(loaded: LoadedModel, chunks: list[list[int]]) -> tuple[float, int]:
 
 def stream_tokens(server: Server, prompt: list[int], tokens: int) -> tuple[int, float]:
     """Tokens generated by one streaming request and the seconds from first to last."""
-    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-            "stream": True}
+    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
     request = urllib.request.Request(
-        f"{server.url}/v1/completions", data=json.dumps(body).encode(),
+        f"{server.url}/v1/completions",
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     stamps = []
@@ -149,51 +181,50 @@ def stream_tokens(server: Server, prompt: list[int], tokens: int) -> tuple[int, 
     return len(stamps), stamps[-1] - stamps[0]
 
 
-def served_speed(server: Server, prompts: list[list[int]], tokens: int) -> float:
-    """Total decode tokens/s of len(prompts) concurrent streaming clients."""
+def served_speed(server: Server, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
+    """Total decode tokens/s of len(prompts) concurrent streaming clients, and
+    the server's CPU seconds per generated token (prefill included)."""
+    cpu = server.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: stream_tokens(server, p, tokens), prompts))
+    wall = time.perf_counter() - started
+    generated = sum(count for count, _ in results)
+    per_token = (server.cpu_seconds() - cpu) / generated
     if len(prompts) == 1:
         count, seconds = results[0]
-        return (count - 1) / seconds
-    return sum(count for count, _ in results) / (time.perf_counter() - started)
+        return (count - 1) / seconds, per_token
+    return generated / wall, per_token
 
 
-def _generate_decode_seconds(
-    loaded: LoadedModel, prompt: list[int], tokens: int, clock: Callable[[], float]
-) -> float:
-    """`clock` seconds per decode token of transformers' `generate` at batch 1
-    (a one-token run is timed apart and taken off as the prefill)."""
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def generate_seconds(loaded: LoadedModel, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """Wall and CPU seconds per decode token of transformers' `generate` at
+    batch 1 (a one-token run is timed apart and taken off as the prefill)."""
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        start = clock()
+        start = _clocks()
         loaded.model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        prefill = clock() - start
-        start = clock()
-        loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False)
-        return (clock() - start - prefill) / (tokens - 1)
-
-
-def generate_speed(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
-    """transformers' `generate` decode tokens/s at batch 1 (prefill timed apart)."""
-    return 1.0 / _generate_decode_seconds(loaded, prompt, tokens, time.perf_counter)
-
-
-def generate_cpu(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
-    """CPU seconds per decode token of `generate` at batch 1."""
-    return _generate_decode_seconds(loaded, prompt, tokens, time.process_time)
+        prefill = [b - a for a, b in zip(start, _clocks(), strict=True)]
+        start = _clocks()
+        loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        wall, cpu = (
+            (b - a - p) / (tokens - 1) for a, b, p in zip(start, _clocks(), prefill, strict=True)
+        )
+        return wall, cpu
 
 
 def runner_cpu(runner: GeneralRunner, prompts: list[list[int]], tokens: int) -> float:
     """CPU seconds per generated token of the general runner decoding `prompts` together."""
     per_sequence = -(-(max(map(len, prompts)) + tokens + 1) // 16)
     cache = KVCache(runner.kv_spec, per_sequence * len(prompts), 16)
-    tables = [list(range(i * per_sequence, (i + 1) * per_sequence))
-              for i in range(len(prompts))]
-    last = [int(runner.prefill(cache, t, p)[-1].argmax())
-            for t, p in zip(tables, prompts, strict=True)]
+    tables = [list(range(i * per_sequence, (i + 1) * per_sequence)) for i in range(len(prompts))]
+    last = [
+        int(runner.prefill(cache, t, p)[-1].argmax()) for t, p in zip(tables, prompts, strict=True)
+    ]
     positions = [len(p) for p in prompts]
     batch = torch.tensor(last)
     start = time.process_time()
@@ -207,16 +238,22 @@ def cpu_part(loaded: LoadedModel, prompts: list[list[int]], tokens: int, rounds:
     runner = GeneralRunner(loaded.model)
     rows = []
     for round_ in range(rounds):
-        hf = generate_cpu(loaded, prompts[0], tokens)
+        hf = generate_seconds(loaded, prompts[0], tokens)[1]
         one = runner_cpu(runner, prompts[:1], tokens)
         eight = runner_cpu(runner, prompts, tokens)
         rows.append((hf, one, eight))
-        print(f"round {round_} (CPU ms per token): generate {1e3 * hf:.1f}, general runner "
-              f"batch 1 {1e3 * one:.1f} ({hf / one:.2f}x), batch 8 {1e3 * eight:.1f} "
-              f"({hf / eight:.2f}x)", flush=True)
+        print(
+            f"round {round_} (CPU ms per token): generate {1e3 * hf:.1f}, general runner "
+            f"batch 1 {1e3 * one:.1f} ({hf / one:.2f}x), batch 8 {1e3 * eight:.1f} "
+            f"({hf / eight:.2f}x)",
+            flush=True,
+        )
     hf, one, eight = (sorted(col)[len(col) // 2] for col in zip(*rows, strict=True))
-    print(f"median: general runner batch 1 {hf / one:.2f}x generate's tokens per CPU second, "
-          f"batch 8 {hf / eight:.2f}x", flush=True)
+    print(
+        f"median: general runner batch 1 {hf / one:.2f}x generate's tokens per CPU second, "
+        f"batch 8 {hf / eight:.2f}x",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -228,6 +265,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per client")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
+    parser.add_argument("--methods", default="int8", help="the quant part's methods")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
@@ -239,28 +277,21 @@ def main() -> None:
 
     if "cpu" in parts:
         cpu_part(loaded, prompts, args.tokens, args.rounds)
-    cache_dir = Path(tempfile.mkdtemp(prefix="general-path-cache-"))
     float_ppl = None
     if parts & {"ppl", "served"}:
+        cache_dir = Path(tempfile.mkdtemp(prefix="general-path-cache-"))
         server = Server(args.model, args.threads, cache_dir, {})
         try:
             print(f"float32: {server.path_line()}", flush=True)
+            print(f"float32 server peak RSS {server.peak_rss_mib():.0f} MiB", flush=True)
             if "ppl" in parts:
                 float_ppl = perplexity_part(server, loaded, chunks)
             if "served" in parts:
                 served_part(server, loaded, prompts, args.tokens, args.rounds)
         finally:
             server.stop()
-    if "int8" in parts:
-        server = Server(args.model, args.threads, cache_dir, {"QUANTSERVE_QUANTIZE": "int8"})
-        try:
-            print(f"int8: {server.path_line()}", flush=True)
-            nll8, count8 = http_nll(server, chunks)
-            ppl8 = math.exp(nll8 / count8)
-            versus = f"{100 * (ppl8 / float_ppl - 1):+.2f}% vs float" if float_ppl else ""
-            print(f"int8 perplexity over HTTP {ppl8:.4f} {versus}", flush=True)
-        finally:
-            server.stop()
+    if "quant" in parts:
+        quant_part(args.model, args.threads, chunks, args.methods.split(","), float_ppl)
 
 
 def perplexity_part(server: Server, loaded: LoadedModel, chunks: list[list[int]]) -> float:
@@ -268,8 +299,11 @@ def perplexity_part(server: Server, loaded: LoadedModel, chunks: list[list[int]]
     ref_nll, ref_count = hf_nll(loaded, chunks)
     assert count == ref_count
     ppl_http, ppl_hf = math.exp(nll / count), math.exp(ref_nll / ref_count)
-    print(f"perplexity over {count} tokens: HTTP {ppl_http:.4f}, transformers "
-          f"{ppl_hf:.4f}, ratio {ppl_http / ppl_hf:.5f}", flush=True)
+    print(
+        f"perplexity over {count} tokens: HTTP {ppl_http:.4f}, transformers "
+        f"{ppl_hf:.4f}, ratio {ppl_http / ppl_hf:.5f}",
+        flush=True,
+    )
     return ppl_http
 
 
@@ -278,16 +312,60 @@ def served_part(
 ) -> None:
     rows = []
     for round_ in range(rounds):
-        hf = generate_speed(loaded, prompts[0], tokens)
-        one = served_speed(server, prompts[:1], tokens)
-        eight = served_speed(server, prompts, tokens)
-        rows.append((hf, one, eight))
-        print(f"round {round_}: generate {hf:.1f} tok/s, served 1 client {one:.1f} "
-              f"({one / hf:.2f}x), 8 clients {eight:.1f} total ({eight / hf:.2f}x)",
-              flush=True)
-    hf, one, eight = (sorted(col)[len(col) // 2] for col in zip(*rows, strict=True))
-    print(f"median: 1 client {one / hf:.2f}x generate, 8 clients {eight / hf:.2f}x",
-          flush=True)
+        hf_wall, hf_cpu = generate_seconds(loaded, prompts[0], tokens)
+        hf = 1 / hf_wall
+        one, one_cpu = served_speed(server, prompts[:1], tokens)
+        eight, eight_cpu = served_speed(server, prompts, tokens)
+        rows.append((one / hf, eight / hf, hf_cpu / one_cpu, hf_cpu / eight_cpu))
+        print(
+            f"round {round_}: generate {hf:.1f} tok/s, served 1 client {one:.1f} "
+            f"({one / hf:.2f}x), 8 clients {eight:.1f} total ({eight / hf:.2f}x); CPU ms per "
+            f"token: generate {1e3 * hf_cpu:.1f}, server 1 client {1e3 * one_cpu:.1f} "
+            f"({hf_cpu / one_cpu:.2f}x), 8 clients {1e3 * eight_cpu:.1f} "
+            f"({hf_cpu / eight_cpu:.2f}x)",
+            flush=True,
+        )
+    one, eight, one_cpu, eight_cpu = (sorted(c)[len(c) // 2] for c in zip(*rows, strict=True))
+    print(
+        f"median vs generate: wall 1 client {one:.2f}x, 8 clients {eight:.2f}x; "
+        f"tokens per CPU second 1 client {one_cpu:.2f}x, 8 clients {eight_cpu:.2f}x",
+        flush=True,
+    )
+
+
+def quant_part(
+    model: str | None,
+    threads: int,
+    chunks: list[list[int]],
+    methods: list[str],
+    float_ppl: float | None,
+) -> None:
+    """Each method quantised at start-up, then loaded from the artifact cache."""
+    for method in methods:
+        cache_dir = Path(tempfile.mkdtemp(prefix=f"general-path-{method}-"))
+        ppls = []
+        for start in ("cold", "cache hit"):
+            began = time.monotonic()
+            server = Server(model, threads, cache_dir, {"QUANTSERVE_QUANTIZE": method})
+            ready = time.monotonic() - began
+            try:
+                nll, count = http_nll(server, chunks)
+                ppls.append(math.exp(nll / count))
+                versus = (
+                    f" ({100 * (ppls[-1] / float_ppl - 1):+.2f}% vs float)" if float_ppl else ""
+                )
+                print(
+                    f"{method} {start}: ready in {ready:.0f} s, server peak RSS "
+                    f"{server.peak_rss_mib():.0f} MiB, perplexity over HTTP "
+                    f"{ppls[-1]:.4f}{versus}; {server.path_line()}",
+                    flush=True,
+                )
+            finally:
+                server.stop()
+        print(
+            f"{method}: cache hit serves the cold start's perplexity: {ppls[0] == ppls[1]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
