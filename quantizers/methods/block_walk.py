@@ -118,7 +118,7 @@ def capture_block_inputs(
     try:
         for ids in stack_batches(batches):
             seen.clear()
-            with suppress(_Captured):
+            with suppress(_Captured), torch.no_grad():
                 model(input_ids=ids, use_cache=False)
             # Tensors shared by several blocks (one mask for all global layers)
             # are cast once and stay shared.
