@@ -96,7 +96,8 @@ class Server:
                 stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 900
+        # A cold GPTQ start on a loaded 2-core machine took over 15 minutes.
+        deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(self.log.read_text()[-3000:])
@@ -107,7 +108,8 @@ class Server:
             except OSError:
                 pass
             time.sleep(1)
-        raise RuntimeError("server not ready")
+        self.stop()
+        raise RuntimeError(f"server not ready within an hour; log: {self.log}")
 
     def stop(self) -> None:
         self.process.terminate()
