@@ -25,16 +25,22 @@ def main() -> None:
     parser.add_argument("eval_json", type=Path)
     parser.add_argument("output", type=Path)
     args = parser.parse_args()
-    rows = [row for row in json.loads(args.eval_json.read_text())["rows"]
-            if row.get("method") == "qat" and row.get("quant_report")]
+    rows = [
+        row
+        for row in json.loads(args.eval_json.read_text())["rows"]
+        if row.get("method") == "qat" and row.get("quant_report")
+    ]
     if not rows:
         raise SystemExit("no qat row with a report in that file")
     fig, (blocks_ax, e2e_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     for index, row in enumerate(rows):
         qat = row["quant_report"]["extra"]["qat"]
         color = f"C{index}"
-        curves = [[loss / curve[0] for loss in curve] for curve in qat["block_losses"]
-                  if curve and curve[0] > 0]
+        curves = [
+            [loss / curve[0] for loss in curve]
+            for curve in qat["block_losses"]
+            if curve and curve[0] > 0
+        ]
         for curve in curves:
             blocks_ax.plot(curve, color=color, alpha=0.12, linewidth=0.8)
         if curves:
@@ -43,8 +49,9 @@ def main() -> None:
             blocks_ax.plot(mean, color=color, linewidth=2, label=row["label"])
         if qat["e2e_losses"]:
             e2e_ax.plot(qat["e2e_losses"], color=color, label=row["label"])
-    blocks_ax.set_title("block-wise: relative squared error / first step's (each block; "
-                        "mean bold)", fontsize=9)
+    blocks_ax.set_title(
+        "block-wise: relative squared error / first step's (each block; mean bold)", fontsize=9
+    )
     blocks_ax.set_xlabel("step within the block")
     blocks_ax.set_ylim(bottom=0)
     e2e_ax.set_title("end-to-end: KL(float || quantised) per token", fontsize=9)

@@ -47,8 +47,15 @@ _NEAREST_STARTS = frozenset({"rtn", "feedback", "mixed"})
 SCHEDULES = ("block", "end_to_end", "block_then_end_to_end")
 TRAINED = ("weights", "scales", "both")
 DATA = ("calibration", "generated")
-_INT_FIELDS = {"block_steps": (0, 100_000), "e2e_steps": (0, 100_000), "samples": (1, 4096),
-               "seq_len": (8, 8192), "batch": (1, 256), "seed": (0, 2**31 - 1)}
+LR_SCHEDULES = ("constant", "cosine")
+_INT_FIELDS = {
+    "block_steps": (0, 100_000),
+    "e2e_steps": (0, 100_000),
+    "samples": (1, 4096),
+    "seq_len": (8, 8192),
+    "batch": (1, 256),
+    "seed": (0, 2**31 - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class QATConfig(MethodConfig):
     block_steps: optimiser steps per decoder block; e2e_steps: end-to-end steps.
     lr: latent weights' learning rate; scale_lr: scales' and offsets' in the
     block phase; e2e_lr: theirs end to end (Adam).
+    lr_schedule: "constant", or "cosine" decay to zero over each block's steps
+    and over the end-to-end steps.
     samples, seq_len: training sequences; batch: sequences per step.
     data: "calibration" (the job's calibration text: the bundled one or the
     operator's own file) or "generated" (sampled from the float model).
@@ -84,6 +93,7 @@ class QATConfig(MethodConfig):
     lr: float = 5e-5
     scale_lr: float = 1e-4
     e2e_lr: float = 2e-5
+    lr_schedule: str = "constant"
     samples: int = 64
     seq_len: int = 256
     batch: int = 4
@@ -98,6 +108,7 @@ class QATConfig(MethodConfig):
         check_choice(self.train, TRAINED, "train")
         check_choice(self.schedule, SCHEDULES, "schedule")
         check_choice(self.data, DATA, "data")
+        check_choice(self.lr_schedule, LR_SCHEDULES, "lr_schedule")
         for name, (low, high) in _INT_FIELDS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -115,8 +126,11 @@ class QATConfig(MethodConfig):
 
     def start_method(self) -> tuple[str, MethodConfig]:
         """The registered method and config that produce the start."""
-        width = {"method": "int8", "config": {}} if self.bits == 8 else {
-            "method": "int4", "config": {"group_size": self.group_size}}
+        width = (
+            {"method": "int8", "config": {}}
+            if self.bits == 8
+            else {"method": "int4", "config": {"group_size": self.group_size}}
+        )
         name, settings = {
             "rtn": (width["method"], width["config"]),
             "gptq": ("gptq", {"bits": self.bits, "group_size": self.group_size}),
@@ -135,6 +149,7 @@ class QATConfig(MethodConfig):
             lr=self.lr,
             scale_lr=self.scale_lr,
             e2e_lr=self.e2e_lr,
+            lr_schedule=self.lr_schedule,
         )
 
 
@@ -167,7 +182,8 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: QuantContext) -> None:
     sequences = _training_sequences(model, config, ctx)
     start_ctx = _apply_start(model, config, ctx, sequences)
     quantised = {
-        name: floats[name] for name in start_ctx.layers
+        name: floats[name]
+        for name in start_ctx.layers
         if isinstance(model.get_submodule(name), Int4WeightOnlyLinear | Int8WeightOnlyLinear)
     }
     del floats
@@ -186,13 +202,20 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: QuantContext) -> None:
         # Two forwards and a backward through every block, plus the head.
         e2e_cost=1.5 * len(decoder_blocks(model)[1]) + 2,
         report=lambda done, total, detail: ctx.report_progress(
-            done * len(ctx.targets) // max(total, 1), len(ctx.targets), detail),
+            done * len(ctx.targets) // max(total, 1), len(ctx.targets), detail
+        ),
         cancel=ctx.check_cancel,
     )
-    block_curves = (train_blocks(model, micro_batches, layers, settings, progress)
-                    if settings.block_steps else [])
-    e2e_curve = (train_end_to_end(model, micro_batches, layers, settings, progress)
-                 if settings.e2e_steps else [])
+    block_curves = (
+        train_blocks(model, micro_batches, layers, settings, progress)
+        if settings.block_steps
+        else []
+    )
+    e2e_curve = (
+        train_end_to_end(model, micro_batches, layers, settings, progress)
+        if settings.e2e_steps
+        else []
+    )
     for name in start_ctx.layers:
         ctx.check_cancel()
         ctx.replace(name, model.get_submodule(name), **start_ctx.layers[name])

@@ -101,8 +101,16 @@ class FakeQuantLinear(nn.Module):
             mid = 0 if int8 else INT4_MID
             groups = (q.float().reshape(n, -1, group) - mid) * scale[..., None] + offset[..., None]
             weight = groups.reshape(n, kp)
-        return cls(float_weight, scale, offset, group, module.bias, int8, weight,
-                   q if weight is None else None)
+        return cls(
+            float_weight,
+            scale,
+            offset,
+            group,
+            module.bias,
+            int8,
+            weight,
+            q if weight is None else None,
+        )
 
     def _grid(self) -> tuple[Tensor, Tensor]:
         return _as_kernel_param(self.scale)[..., None], _as_kernel_param(self.offset)[..., None]
@@ -144,8 +152,9 @@ class FakeQuantLinear(nn.Module):
             scale, offset = (t[..., 0] for t in self._grid())
         codes = self.codes.float() + self.mid
         if self.int8:
-            return Int8WeightOnlyLinear.from_quantized(codes.to(torch.int8), scale[:, 0], None,
-                                                       None, self.bias)
+            return Int8WeightOnlyLinear.from_quantized(
+                codes.to(torch.int8), scale[:, 0], None, None, self.bias
+            )
         zero = INT4_MID - offset / scale
         return Int4WeightOnlyLinear.from_quantized(
             codes.to(torch.uint8), scale, zero, self.group_size, self.bias, self.in_features

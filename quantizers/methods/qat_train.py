@@ -49,6 +49,7 @@ class TrainSettings:
     lr: float
     scale_lr: float
     e2e_lr: float
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -126,6 +127,17 @@ def only_trained(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[N
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def lr_scheduler(
+    optimiser: torch.optim.Optimizer, steps: int, settings: TrainSettings
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Constant rates, or cosine decay to zero over the phase's `steps` (with so
+    few steps, the last ones at a small rate let the codes settle instead of
+    flipping on each micro-batch's noise)."""
+    if settings.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
 
 
 def _rounded(value: float) -> float:
@@ -211,6 +223,7 @@ def train_blocks(
         if groups and settings.block_steps:
             params = [p for g in groups for p in g["params"]]
             optimiser = torch.optim.Adam(groups)
+            scheduler = lr_scheduler(optimiser, settings.block_steps, settings)
             with only_trained(model, params):
                 for step in range(settings.block_steps):
                     j = step % len(calls)
@@ -219,9 +232,10 @@ def train_blocks(
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
+                    scheduler.step()
                     curve.append(_rounded(loss.item()))
                     progress.step("block", curve[-1])
-            del optimiser
+            del optimiser, scheduler
         for fake in fakes.values():
             fake.freeze()
         with compute_in_bf16():
@@ -270,6 +284,7 @@ def train_end_to_end(
     params = [m.scale for m in trained] + [m.offset for m in trained if not m.int8]
     curve: list[float] = []
     optimiser = torch.optim.Adam(params, lr=settings.e2e_lr)
+    scheduler = lr_scheduler(optimiser, settings.e2e_steps, settings)
     for step in range(settings.e2e_steps):
         batch = micro_batches[step % len(micro_batches)]
         optimiser.zero_grad(set_to_none=True)
@@ -286,8 +301,9 @@ def train_end_to_end(
                 (loss / batch.shape[0]).backward()
             total += loss.item() / batch.shape[0]
         optimiser.step()
+        scheduler.step()
         curve.append(_rounded(total))
         progress.step("end_to_end", curve[-1])
-    del optimiser
+    del optimiser, scheduler
     layers.restore(model, fakes)
     return curve

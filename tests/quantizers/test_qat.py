@@ -6,6 +6,7 @@ when cancelled."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import LlamaForCausalLM
 from quantizers.errors import ConfigError, QuantizationCancelled
 from quantizers.methods.qat_data import generated_sequences
 from quantizers.methods.qat_modules import FakeQuantLinear
-from quantizers.methods.qat_train import distillation_kl
+from quantizers.methods.qat_train import TrainSettings, distillation_kl, lr_scheduler
 from quantizers.registry import get_method, quantize
 from quantizers.runtime.int4 import Int4WeightOnlyLinear
 from quantizers.serialization import build_from_state, quantized_state
@@ -24,8 +25,17 @@ from .conftest import tiny_llama_config
 # Short training on 8 sequences of 32 tokens: seconds on one core. Learning
 # rates above the defaults (chosen for SmolLM2's hundreds of steps) so a dozen
 # steps move a tiny model measurably.
-SMALL = {"group_size": 32, "samples": 8, "seq_len": 32, "batch": 4, "block_steps": 12,
-         "e2e_steps": 8, "lr": 5e-4, "scale_lr": 1e-3, "e2e_lr": 1e-3}
+SMALL = {
+    "group_size": 32,
+    "samples": 8,
+    "seq_len": 32,
+    "batch": 4,
+    "block_steps": 12,
+    "e2e_steps": 8,
+    "lr": 5e-4,
+    "scale_lr": 1e-3,
+    "e2e_lr": 1e-3,
+}
 RTN = {**SMALL, "schedule": "block", "block_steps": 0}
 
 
@@ -45,22 +55,47 @@ def kl_from(reference: LlamaForCausalLM, model: LlamaForCausalLM, ids: torch.Ten
         return float(distillation_kl(reference(ids).logits, model(ids).logits))
 
 
-def test_training_lowers_the_divergence_of_its_rtn_start_on_the_same_kernels() -> None:
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_training_lowers_the_divergence_of_its_rtn_start_on_the_same_kernels(
+    lr_schedule: str,
+) -> None:
     reference = float_model()
     ids = torch.cat(calibration())
     rtn = copy.deepcopy(reference)
     quantize(rtn, "qat", RTN, calibration=calibration())
     trained = copy.deepcopy(reference)
-    report = quantize(trained, "qat", SMALL, calibration=calibration())
+    report = quantize(
+        trained, "qat", {**SMALL, "lr_schedule": lr_schedule}, calibration=calibration()
+    )
 
     assert kl_from(reference, trained, ids) < 0.8 * kl_from(reference, rtn, ids)
     assert isinstance(trained.model.layers[0].mlp.down_proj, Int4WeightOnlyLinear)
-    assert report.weight_bytes_after == quantize(copy.deepcopy(reference), "int4",
-                                                 {"group_size": 32}).weight_bytes_after
+    assert (
+        report.weight_bytes_after
+        == quantize(copy.deepcopy(reference), "int4", {"group_size": 32}).weight_bytes_after
+    )
     curves = report.extra["qat"]
     assert len(curves["block_losses"]) == 2 and len(curves["block_losses"][0]) == 12
     assert len(curves["e2e_losses"]) == 8
     assert curves["block_losses"][1][-1] < curves["block_losses"][1][0]
+
+
+def test_cosine_schedule_decays_every_rate_from_its_own_to_zero_over_the_phase() -> None:
+    settings = TrainSettings("both", 8, 0, 1e-3, 4e-3, 0.0, lr_schedule="cosine")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimiser = torch.optim.Adam(
+        [{"params": [params[0]], "lr": 1e-3}, {"params": [params[1]], "lr": 4e-3}]
+    )
+    scheduler = lr_scheduler(optimiser, 8, settings)
+    rates = []
+    for _ in range(8):
+        rates.append([group["lr"] for group in optimiser.param_groups])
+        optimiser.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx([1e-3, 4e-3])
+    assert rates[4] == pytest.approx([5e-4, 2e-3])
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in itertools.pairwise(rates))
+    assert [group["lr"] for group in optimiser.param_groups] == pytest.approx([0, 0])
 
 
 def test_no_training_reproduces_the_start_exactly() -> None:
@@ -98,18 +133,24 @@ def test_artifact_round_trip_gives_identical_logits() -> None:
         assert torch.equal(rebuilt(ids).logits, expected)
 
 
-@pytest.mark.parametrize("config", [
-    {"bits": 8, "start": "rtn"},
-    {"bits": 4, "start": "gptq", "group_size": 32},
-    {"start": "mixed", "start_config": {"target_bits_per_weight": 6.0,
-                                        "sensitivity_seq_len": 16}},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"bits": 8, "start": "rtn"},
+        {"bits": 4, "start": "gptq", "group_size": 32},
+        {
+            "start": "mixed",
+            "start_config": {"target_bits_per_weight": 6.0, "sensitivity_seq_len": 16},
+        },
+    ],
+)
 def test_int8_gptq_and_mixed_starts_train(config: dict) -> None:
     model = float_model()
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 256, (1, 64), generator=gen) for _ in range(8)]
-    report = quantize(model, "qat", {**SMALL, **config, "block_steps": 2, "e2e_steps": 2},
-                      calibration=batches)
+    report = quantize(
+        model, "qat", {**SMALL, **config, "block_steps": 2, "e2e_steps": 2}, calibration=batches
+    )
     assert report.extra["qat"]["start"] == config["start"].replace("rtn", "int8")
     assert len(report.extra["qat"]["e2e_losses"]) == 2
 
@@ -129,9 +170,14 @@ def test_progress_reports_steps_loss_and_time_left_and_cancel_stops() -> None:
 
     steps: list[int] = []
     with pytest.raises(QuantizationCancelled):
-        quantize(float_model(), "qat", SMALL, calibration=calibration(),
-                 progress=lambda done, total, detail=None: steps.append(done),
-                 should_cancel=lambda: len(steps) >= 3)
+        quantize(
+            float_model(),
+            "qat",
+            SMALL,
+            calibration=calibration(),
+            progress=lambda done, total, detail=None: steps.append(done),
+            should_cancel=lambda: len(steps) >= 3,
+        )
     assert len(steps) == 3
 
 
@@ -144,25 +190,30 @@ def test_generated_data_is_deterministic_per_seed() -> None:
 
 
 def test_generated_data_needs_no_calibration_text() -> None:
-    report = quantize(float_model(), "qat", {**SMALL, "data": "generated", "block_steps": 2,
-                                             "e2e_steps": 0})
+    report = quantize(
+        float_model(), "qat", {**SMALL, "data": "generated", "block_steps": 2, "e2e_steps": 0}
+    )
     assert report.extra["qat"]["sequences"] == [8, 32]
 
 
-@pytest.mark.parametrize(("config", "param"), [
-    ({"bits": 3}, "bits"),
-    ({"group_size": 100}, "group_size"),
-    ({"start": "awq"}, "start"),
-    ({"start": "mixed"}, "start_config"),
-    ({"start_config": {"bogus": 1}}, "start_config"),
-    ({"train": "everything"}, "train"),
-    ({"schedule": "layerwise"}, "schedule"),
-    ({"data": "wikitext"}, "data"),
-    ({"block_steps": -1}, "block_steps"),
-    ({"samples": 1.5}, "samples"),
-    ({"lr": float("nan")}, "lr"),
-    ({"seed": True}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("config", "param"),
+    [
+        ({"bits": 3}, "bits"),
+        ({"group_size": 100}, "group_size"),
+        ({"start": "awq"}, "start"),
+        ({"start": "mixed"}, "start_config"),
+        ({"start_config": {"bogus": 1}}, "start_config"),
+        ({"train": "everything"}, "train"),
+        ({"schedule": "layerwise"}, "schedule"),
+        ({"data": "wikitext"}, "data"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"block_steps": -1}, "block_steps"),
+        ({"samples": 1.5}, "samples"),
+        ({"lr": float("nan")}, "lr"),
+        ({"seed": True}, "seed"),
+    ],
+)
 def test_bad_configs_name_the_field(config: dict, param: str) -> None:
     with pytest.raises(ConfigError) as caught:
         get_method("qat").make_config(config)
