@@ -84,14 +84,14 @@ class QATConfig(MethodConfig):
     skip: tuple[str, ...] = HEAD_INCLUDED_SKIP
     bits: int = 4
     group_size: int = 128
-    start: str = "rtn"
+    start: str = "feedback"
     start_config: Mapping[str, Any] = field(default_factory=dict)
     train: str = "both"
     schedule: str = "block_then_end_to_end"
-    block_steps: int = 64
-    e2e_steps: int = 32
-    lr: float = 5e-5
-    scale_lr: float = 1e-4
+    block_steps: int = 32
+    e2e_steps: int = 16
+    lr: float = 2e-4
+    scale_lr: float = 2e-4
     e2e_lr: float = 2e-5
     lr_schedule: str = "constant"
     samples: int = 64

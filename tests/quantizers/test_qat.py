@@ -26,6 +26,7 @@ from .conftest import tiny_llama_config
 # rates above the defaults (chosen for SmolLM2's hundreds of steps) so a dozen
 # steps move a tiny model measurably.
 SMALL = {
+    "start": "rtn",
     "group_size": 32,
     "samples": 8,
     "seq_len": 32,
@@ -137,6 +138,7 @@ def test_artifact_round_trip_gives_identical_logits() -> None:
     "config",
     [
         {"bits": 8, "start": "rtn"},
+        {"bits": 4, "start": "feedback", "group_size": 32},
         {"bits": 4, "start": "gptq", "group_size": 32},
         {
             "start": "mixed",
@@ -144,7 +146,7 @@ def test_artifact_round_trip_gives_identical_logits() -> None:
         },
     ],
 )
-def test_int8_gptq_and_mixed_starts_train(config: dict) -> None:
+def test_int8_feedback_gptq_and_mixed_starts_train(config: dict) -> None:
     model = float_model()
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 256, (1, 64), generator=gen) for _ in range(8)]
