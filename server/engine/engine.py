@@ -29,6 +29,9 @@ from collections.abc import AsyncIterator
 import torch
 
 from quantizers.loading import LoadedModel
+from quantizers.lora import LoraAdapter
+from server.engine.adapters import AdapterRegistry, Resident
+from server.engine.lora import AdapterMismatch
 from server.engine.runner_choice import RunnerMode
 from server.engine.sampling import choose_tokens, prompt_logprobs
 from server.engine.scheduler import Scheduler
@@ -75,6 +78,8 @@ class Engine:
         num_threads: int | None = None,
         compile: CompileMode = "off",
         runner: RunnerMode = "auto",
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
     ) -> None:
         batched = max_model_len if max_num_batched_tokens is None else max_num_batched_tokens
         if max_num_seqs < 1 or max_model_len < 2 or max_queue < 0 or batched < max_model_len:
@@ -94,6 +99,8 @@ class Engine:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=batched
         )
         self._lock = threading.Lock()
+        self._adapters = AdapterRegistry(max_loras)
+        self.max_lora_rank = max_lora_rank
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._accepting = True
@@ -146,7 +153,66 @@ class Engine:
         """
         served = self._worker.build(loaded, self._worker.active)
         served.warm_up()
-        self._worker.active = served
+        with self._lock:
+            # Loaded adapters stay applied: the new variant gets them before anyone uses it.
+            served.lora.apply(self._resident())
+            self._worker.active = served
+
+    # ------------------------------------------------------------------ adapters
+    def adapters(self) -> list[Resident]:
+        """The loaded (selectable) LoRA adapters, least recently used first."""
+        with self._lock:
+            return self._adapters.listed()
+
+    def load_adapter(self, name: str, adapter: LoraAdapter, source: str) -> list[str]:
+        """Make `adapter` selectable as `name`; returns the adapters evicted for it.
+
+        Raises `AdapterMismatch` when it does not fit the served model and
+        `DuplicateAdapter` when the name is taken. Its factors join the stacks
+        before the first sequence that uses it runs.
+        """
+        if adapter.rank > self.max_lora_rank:
+            raise AdapterMismatch(
+                f"the adapter's rank {adapter.rank} exceeds this server's max_lora_rank "
+                f"{self.max_lora_rank}"
+            )
+        self._worker.active.lora.check(adapter)
+        with self._lock:
+            evicted = self._adapters.add(name, adapter, source)
+        self._wake.set()
+        return evicted
+
+    def unload_adapter(self, name: str) -> None:
+        """Unlist `name` (UnknownAdapter if not loaded); sequences using it finish with it."""
+        with self._lock:
+            self._adapters.remove(name)
+        self._wake.set()
+
+    def _resident(self) -> list[tuple[int, LoraAdapter]]:
+        return [(r.uid, r.adapter) for r in self._adapters.resident()]
+
+    def _sync_adapters(self) -> None:
+        """Rebuild the adapter stacks of every model in use when the resident set
+        changed. The caller holds the lock; runs on the engine thread, between steps."""
+        if not self._adapters.changed:
+            return
+        self._adapters.changed = False
+        resident = self._resident()
+        sequences = [*self._scheduler.running, *self._scheduler.waiting]
+        models = {id(s.model): s.model for s in sequences}
+        models[id(self._worker.active)] = self._worker.active
+        for served in models.values():
+            served.lora.apply(resident)
+
+    def _finish(
+        self, sequence: Sequence, reason: FinishReason, error: str | None = None
+    ) -> None:
+        """Send the sequence's Finish and give its adapter back. Lock held."""
+        self._finished_total += 1
+        if sequence.adapter is not None:
+            self._adapters.release(sequence.adapter)
+            sequence.adapter = None
+        sequence.finish(reason, error)
 
     def stats(self) -> EngineStats:
         running = list(self._scheduler.running)
@@ -207,10 +273,11 @@ class Engine:
                 raise EngineShuttingDown("the server is shutting down")
             if len(self._scheduler.waiting) >= self.max_queue:
                 raise EngineOverloaded(retry_after_s=1.0)
+            if request.adapter is not None:
+                sequence.adapter = self._adapters.acquire(request.adapter)
             if not prompt or len(prompt) >= served.max_seq_len:
-                self._finished_total += 1
-                sequence.finish(
-                    "error",
+                self._finish(
+                    sequence, "error",
                     f"prompt has {len(prompt)} tokens; 1..{served.max_seq_len - 1} are supported",
                 )
             else:
@@ -234,9 +301,8 @@ class Engine:
         with self._lock:
             pending = list(self._scheduler.waiting)
             self._scheduler.waiting.clear()
-        for sequence in pending:
-            self._finished_total += 1
-            sequence.finish("cancelled")
+            for sequence in pending:
+                self._finish(sequence, "cancelled")
 
     # -------------------------------------------------------------------- worker
     def _run(self) -> None:
@@ -277,9 +343,8 @@ class Engine:
                 else:
                     dropped.append((sequence, reason))
             self._scheduler.waiting = keep
-        for sequence, reason in dropped:
-            self._finished_total += 1
-            sequence.finish(reason)
+            for sequence, reason in dropped:
+                self._finish(sequence, reason)
 
     def _retire_interrupted(self) -> None:
         now = time.perf_counter()
@@ -290,13 +355,14 @@ class Engine:
 
     def _retire(self, sequence: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """Give the sequence's blocks back, then send its Finish."""
-        self._scheduler.retire(sequence)
-        self._finished_total += 1
-        sequence.finish(reason, error)
+        with self._lock:
+            self._scheduler.retire(sequence)
+            self._finish(sequence, reason, error)
 
     def _admit(self) -> None:
         with self._lock:
             admitted = self._scheduler.admit()
+            self._sync_adapters()
         for sequence in admitted:
             self._prefill(sequence)
 
@@ -334,6 +400,7 @@ class Engine:
     def _step(self) -> None:
         with self._lock:
             self._scheduler.reserve_decode()
+            self._sync_adapters()
         running = list(self._scheduler.running)
         if not running:
             return

@@ -41,6 +41,9 @@ class Schedulable(Protocol):
     def group(self) -> Hashable: ...  # sequences batch together only within one group
 
     @property
+    def prefix_namespace(self) -> Hashable: ...  # prompt blocks are shared only within one
+
+    @property
     def reuse_prefix(self) -> bool: ...  # may start from cached prompt blocks
 
     def prefill_tokens(self) -> list[int]: ...  # what its KV must hold before decoding
@@ -77,7 +80,7 @@ class Scheduler(Generic[S]):
             if admitted and len(tokens) > budget:
                 break
             allocation = sequence.blocks.allocate(
-                tokens, sequence.group, reuse=sequence.reuse_prefix
+                tokens, sequence.prefix_namespace, reuse=sequence.reuse_prefix
             )
             if allocation is None:
                 break

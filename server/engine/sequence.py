@@ -36,6 +36,7 @@ class Sequence:
         self.request = request
         self.params = request.params
         self.model = model  # the engine's model handle this request was submitted under
+        self.adapter: Any = None  # the LoRA adapter it holds (an adapters.Resident), if any
         self.sink = sink
         self.cancelled = False
         self.finished = False
@@ -69,6 +70,17 @@ class Sequence:
     @property
     def group(self) -> Hashable:
         return self.model.version
+
+    @property
+    def prefix_namespace(self) -> Hashable:
+        """An adapter changes every layer's keys and values: its prompts' blocks are its own."""
+        if self.request.adapter is None:
+            return self.model.version
+        return (self.model.version, self.adapter_uid)
+
+    @property
+    def adapter_uid(self) -> int | None:
+        return None if self.adapter is None else self.adapter.uid
 
     @property
     def reuse_prefix(self) -> bool:
@@ -170,5 +182,6 @@ class Sequence:
                 variant=loaded.variant,
                 prompt_logprobs=self.prompt_logprobs,
                 error=error,
+                adapter=self.request.adapter,
             )
         )

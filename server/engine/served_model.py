@@ -30,6 +30,7 @@ from quantizers.loading import LoadedModel
 from server.engine.hf_runner import GeneralRunner
 from server.engine.kv_cache import KVCache, KVPool
 from server.engine.llama_runner import LlamaRunner
+from server.engine.lora import LoraHooks
 from server.engine.runner_choice import RunnerMode, architecture, choose_runner
 
 log = logging.getLogger("quantserve.engine")
@@ -92,6 +93,7 @@ class ServedModel:
             "%s runner serves %s (%s, %s): %s", self.choice.path, loaded.model_id,
             architecture(loaded.model), loaded.variant, self.choice.reason,
         )
+        self.lora = LoraHooks(self.runner)  # LoRA adapters, applied by the engine
         self.pool: KVPool | None = None  # set by the worker before the model serves
         self.prepare_s = time.perf_counter() - started
         self.eos_ids = eos_token_ids(loaded)

@@ -45,6 +45,7 @@ class GenerationRequest:
     params: SamplingParams
     prompt_logprobs: bool = False  # also score the prompt tokens (echo + logprobs)
     timeout_s: float | None = None  # generation time limit; exceeded -> finish "timeout"
+    adapter: str | None = None  # a loaded LoRA adapter's name; None: the base model
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Finish:
     variant: str  # "float" or the quantisation method of the model that served it
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first entry None
     error: str | None = None
+    adapter: str | None = None  # the LoRA adapter it ran with
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class Running(Protocol):
     @property
     def group(self) -> Hashable: ...
 
+    @property
+    def adapter_uid(self) -> int | None: ...
+
     def prefill_tokens(self) -> list[int]: ...
 
 
@@ -113,6 +116,7 @@ class Worker:
         pool = sequence.model.pool
         assert pool is not None
         tokens = sequence.prefill_tokens()
+        sequence.model.lora.state.select([sequence.adapter_uid], single=True)
         logits = sequence.model.runner.prefill(
             pool.cache, sequence.block_ids, tokens, start=allocation.cached_tokens,
             chunk=pool.chunk_tokens, all_logits=all_logits,
@@ -127,6 +131,8 @@ class Worker:
         pool = served.pool
         assert pool is not None
         runner = served.runner
+        if served.lora.state.current is not None:
+            served.lora.state.select([s.adapter_uid for s in batch], single=False)
         tokens = torch.tensor([s.last_token for s in batch], dtype=torch.long, device=runner.device)
         return runner.decode(
             pool.cache, tokens, [s.cache_len for s in batch], [s.block_ids for s in batch]

@@ -23,6 +23,10 @@ class Seq:
     cache_len: int = 0
     allocation: Allocation | None = None
 
+    @property
+    def prefix_namespace(self) -> int:
+        return self.group
+
     def prefill_tokens(self) -> list[int]:
         return [*self.prompt, *self.output[:-1]]
 
