@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from quantizers.loading import LoadedModel, load_model
-from server.auth import require_api_key
+from server.auth import require_admin, require_api_key
 from server.engine import Engine
 from server.engine.device import resolve_device
 from server.engine.worker import CacheConfig
@@ -28,7 +28,7 @@ from server.limits import BodySizeLimit
 from server.memory import release_freed_memory
 from server.observability import install_observability
 from server.quantization_service import install_quantization, startup_model
-from server.routes import chat, completions, health, models
+from server.routes import chat, completions, health, lora_adapters, models
 from server.settings import Settings
 
 log = logging.getLogger("quantserve")
@@ -60,7 +60,8 @@ def _start_engine(app: FastAPI, settings: Settings) -> None:
                         max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_queue=settings.max_queue, cache=cache_config(settings),
                         num_threads=settings.num_threads, compile=settings.compile,
-                        runner=settings.runner)
+                        runner=settings.runner, max_loras=settings.max_loras,
+                        max_lora_rank=settings.max_lora_rank)
         warmup = engine.start()
         # A start-up quantisation's temporaries (the float model) go back to the OS.
         release_freed_memory()
@@ -123,5 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = [Depends(require_api_key), Depends(require_engine)]
     for router in (completions.router, chat.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=v1)
+    app.include_router(lora_adapters.router, prefix="/v1",
+                       dependencies=[Depends(require_admin), Depends(require_engine)])
     return app
 

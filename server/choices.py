@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from server.engine.adapters import UnknownAdapter
 from server.engine.types import (
     EngineOverloaded,
     EngineShuttingDown,
@@ -48,6 +49,8 @@ def engine_error(exc: BaseException) -> APIError:
         )
     if isinstance(exc, EngineShuttingDown):
         return APIError(503, "the server is shutting down", code="shutting_down")
+    if isinstance(exc, UnknownAdapter):  # unloaded between the model check and the submit
+        return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(500, "generation failed", type="server_error", code="internal_error")
 
 

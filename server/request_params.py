@@ -24,16 +24,22 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_model(requested: str, loaded: LoadedModel) -> None:
-    """Only the served model answers; the name is compared, never used as a path."""
-    if requested != loaded.model_id:
+def check_model(requested: str, loaded: LoadedModel, adapters: list[str]) -> None:
+    """The served model or one of its loaded LoRA adapters answers; the name is
+    compared, never used as a path."""
+    if requested != loaded.model_id and requested not in adapters:
         raise APIError(
             404,
             f"The model '{requested[:200]}' does not exist; this server serves "
-            f"'{loaded.model_id}'.",
+            f"'{loaded.model_id}'" + (f" and its adapters {adapters}." if adapters else "."),
             param="model",
             code="model_not_found",
         )
+
+
+def adapter_of(requested: str, loaded: LoadedModel) -> str | None:
+    """The LoRA adapter a request's `model` names; None for the base model."""
+    return None if requested == loaded.model_id else requested
 
 
 def unsupported(param: str, message: str) -> APIError:
@@ -68,7 +74,7 @@ def admit(req: _Request, request: Request) -> tuple[Engine, Settings, LoadedMode
     engine: Engine = request.app.state.engine
     settings: Settings = request.app.state.settings
     loaded = engine.loaded
-    check_model(req.model, loaded)
+    check_model(req.model, loaded, [a.name for a in engine.adapters()])
     check_common(req, settings)
     return engine, settings, loaded
 

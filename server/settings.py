@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     max_batch: int | None = Field(default=None, ge=1, deprecated=True)
     max_batch_tokens: int | None = Field(default=None, ge=16, deprecated=True)
     max_queue: int = Field(default=64, ge=0)
+    max_loras: int = Field(
+        default=8, ge=1, description="LoRA adapters loaded at once; loading one more unloads "
+        "the least recently used.")
+    max_lora_rank: int = Field(default=64, ge=1, description="Largest LoRA rank accepted.")
     max_completion_tokens: int = Field(
         default=2048, ge=1, description="Upper bound on max_tokens for any request."
     )

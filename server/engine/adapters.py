@@ -11,6 +11,7 @@ rebuilds the stacks when `changed` says the resident set moved.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from quantizers.lora import LoraAdapter
@@ -32,6 +33,7 @@ class Resident:
     adapter: LoraAdapter
     source: str  # where it was loaded from
     uid: int = field(default_factory=lambda: next(_uids))  # never reused: a prefix-cache namespace
+    created: int = field(default_factory=lambda: int(time.time()))
     users: int = 0  # sequences holding it
     listed: bool = True
 

@@ -11,6 +11,7 @@ from server.choices import ChoiceStream, collect
 from server.engine.types import GenerationRequest, TokenDelta, TokenLogprob
 from server.errors import APIError
 from server.request_params import (
+    adapter_of,
     admit,
     check_length,
     context_window,
@@ -116,11 +117,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             params=sampling_params(body, loaded, max_tokens=max_tokens, logprobs=logprobs,
                                    choice=j),
             timeout_s=settings.request_timeout_s,
+            adapter=adapter_of(body.model, loaded),
         )
         for j in range(n)
     ]
     created = int(time.time())
-    model_name = loaded.model_id
+    model_name = body.model  # the base or the adapter it names
 
     def chunk(choices: list[ChatChunkChoice], **extra: object) -> str:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model_name,

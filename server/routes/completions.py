@@ -11,6 +11,7 @@ from server.choices import ChoiceResult, ChoiceStream, collect
 from server.engine.types import Finish, GenerationRequest, TokenDelta, TokenLogprob
 from server.errors import APIError
 from server.request_params import (
+    adapter_of,
     admit,
     check_length,
     new_id,
@@ -129,13 +130,14 @@ async def create_completion(body: CompletionRequest, request: Request):
                                    choice=j),
             prompt_logprobs=echo and body.logprobs is not None,
             timeout_s=settings.request_timeout_s,
+            adapter=adapter_of(body.model, loaded),
         )
         for p, ids in enumerate(prompt_ids)
         for j in range(n)
     ]
     prompt_total = sum(len(ids) for ids in prompt_ids)
     created = int(time.time())
-    model_name = loaded.model_id
+    model_name = body.model  # the base or the adapter it names
 
     if body.stream:
         stream = ChoiceStream(engine.generate, jobs)

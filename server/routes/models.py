@@ -1,4 +1,5 @@
-"""`GET /v1/models`: the served model and the variant it is running as."""
+"""`GET /v1/models`: the served model, the variant it is running as, and its
+loaded LoRA adapters (each a model whose `parent` is the base)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def model_card(loaded: LoadedModel, created: int, context_length: int) -> ModelC
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES,
             summary="List the served model")
 async def list_models(request: Request) -> ModelList:
-    loaded = request.app.state.engine.loaded
+    engine = request.app.state.engine
+    loaded = engine.loaded
     window = context_window(loaded, request.app.state.settings)
-    return ModelList(data=[model_card(loaded, request.app.state.started_at, window)])
+    base = model_card(loaded, request.app.state.started_at, window)
+    cards = [base]
+    for adapter in engine.adapters():
+        lora = {"rank": adapter.adapter.rank, "target_modules": adapter.adapter.target_modules}
+        cards.append(base.model_copy(update={
+            "id": adapter.name, "parent": base.id, "root": adapter.source, "lora": lora,
+            "created": adapter.created, "quality": None,
+        }))
+    return ModelList(data=cards)

@@ -216,8 +216,31 @@ class ModelCard(BaseModel):
     weight_bytes: int
     context_length: int
     quality: dict[str, Any] | None = None
+    # A LoRA adapter's card: `parent` is the base model's id (vLLM's convention),
+    # `root` where the adapter was loaded from, `lora` its rank and targets.
+    parent: str | None = None
+    root: str | None = None
+    lora: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body: the adapter's model name and its PEFT directory on the server."""
+
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^\S+$")
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=128)
+
+
+class LoraAdapterResult(BaseModel):
+    object: Literal["lora_adapter"] = "lora_adapter"
+    id: str
+    parent: str
+    evicted: list[str] = []  # adapters unloaded to make room (least recently used)

@@ -25,6 +25,8 @@ ADMIN_ROUTES = [
     ("GET", "/admin/artifacts", None),
     ("DELETE", "/admin/artifacts/" + "0" * 64, None),
     ("POST", "/admin/activate", {"artifact": "base"}),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/adapter"}),
+    ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"}),
 ]
 
 
