@@ -101,6 +101,18 @@ CHOICES_FINISHED = Counter(
     "Finished choices by endpoint and finish reason (a request with n choices adds n).",
     ("endpoint", "finish_reason", *_MODEL_LABELS),
 )
+# Per LoRA adapter (labels bounded by what the admin loads): choices served with it
+# and their tokens; base-model traffic is not counted here.
+LORA_CHOICES = Counter(
+    "quantserve_lora_choices",
+    "Finished choices served with a LoRA adapter, by adapter.",
+    ("adapter", *_MODEL_LABELS),
+)
+LORA_TOKENS = Counter(
+    "quantserve_lora_tokens",
+    "Tokens of choices served with a LoRA adapter: kind=prompt (prefilled) or generated.",
+    ("adapter", "kind", *_MODEL_LABELS),
+)
 ERRORS = Counter(
     "quantserve_errors",
     "Error responses by error type and HTTP status.",
@@ -148,6 +160,10 @@ def record_generation(endpoint: str, finish: Finish) -> None:
     PROMPT_TOKENS.labels(endpoint, *labels).inc(finish.prompt_tokens)
     GENERATION_TOKENS.labels(endpoint, *labels).inc(finish.completion_tokens)
     CHOICES_FINISHED.labels(endpoint, finish.reason, *labels).inc()
+    if finish.adapter is not None:
+        LORA_CHOICES.labels(finish.adapter, *labels).inc()
+        LORA_TOKENS.labels(finish.adapter, "prompt", *labels).inc(finish.prompt_tokens)
+        LORA_TOKENS.labels(finish.adapter, "generated", *labels).inc(finish.completion_tokens)
 
 
 def record_error(error_type: str, status: int) -> None:

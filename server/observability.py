@@ -45,7 +45,7 @@ from server.metrics_collector import STATE_COLLECTOR
 REQUEST_ID_HEADER = "X-Request-ID"
 LOGGER_NAME = "quantserve.requests"
 LOG_STATE_FIELDS = (
-    "model", "quantization", "prompt_tokens", "completion_tokens",
+    "model", "adapter", "quantization", "prompt_tokens", "completion_tokens",
     "finish_reasons", "timings", "error_type",
 )
 UNMATCHED_ROUTE = "unmatched"
@@ -169,6 +169,8 @@ def annotate_request(request: Request, finish: Finish) -> None:
     """
     state = request.state
     state.model = finish.model_id
+    if finish.adapter is not None:
+        state.adapter = finish.adapter
     state.quantization = finish.variant
     state.prompt_tokens = getattr(state, "prompt_tokens", 0) + finish.prompt_tokens
     state.completion_tokens = getattr(state, "completion_tokens", 0) + finish.completion_tokens

@@ -73,7 +73,7 @@ def _complete(client: openai.OpenAI, model: str) -> str:
 
 
 def test_an_adapter_is_a_model_while_loaded(
-    http: httpx.Client, client: openai.OpenAI, adapters: Path
+    http: httpx.Client, client: openai.OpenAI, adapters: Path, server: ServerProcess
 ) -> None:
     base = _complete(client, "tiny")
     loaded = _load(http, "a", adapters / "a")
@@ -89,6 +89,9 @@ def test_an_adapter_is_a_model_while_loaded(
         model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
     )
     assert chat.model == "a"
+    assert '"model":"tiny","adapter":"a"' in server.log()  # the request's log line
+    metrics = http.get("/metrics").text
+    assert 'quantserve_lora_choices_total{adapter="a",model="tiny"' in metrics
     assert _unload(http, "a").status_code == 200
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         _complete(client, "a")

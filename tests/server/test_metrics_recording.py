@@ -71,6 +71,24 @@ def test_generation_counts_tokens_and_observes_every_latency(scrape) -> None:
     assert moved("quantserve_e2e_request_latency_seconds_sum") == pytest.approx(0.08 + 0.227)
 
 
+def test_adapter_choices_and_tokens_are_counted_per_adapter(scrape) -> None:
+    model = "lora-base"
+    labels = {"model": model, "quantization": "int8"}
+    before = scrape()
+    record_generation("/v1/completions", _finish(model, 4, (0.01,) * 3))  # the base
+    tuned = _finish(model, 5, (0.01,) * 4)
+    record_generation("/v1/completions", Finish(**{**tuned.__dict__, "adapter": "sql"}))
+    after = scrape()
+
+    def moved(name: str, **extra: str) -> float:
+        return value(after, name, **labels, **extra) - value(before, name, **labels, **extra)
+
+    assert moved("quantserve_lora_choices_total", adapter="sql") == 1
+    assert moved("quantserve_lora_tokens_total", adapter="sql", kind="generated") == 5
+    assert moved("quantserve_lora_tokens_total", adapter="sql", kind="prompt") == 7
+    assert moved("quantserve_generation_tokens_total", endpoint="/v1/completions") == 9
+
+
 def test_choice_without_tokens_skips_token_latencies(scrape) -> None:
     model = "cancelled-in-queue"
     labels = {"model": model, "quantization": "int8"}
