@@ -68,10 +68,52 @@ class RuntimeModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.describe().items())
 
 
+class _KernelWithInputGradient(torch.autograd.Function):
+    """A frozen low-bit linear that passes gradients to its input (LoRA training
+    on a quantised base): forward on the kernel, backward `grad @ W` with W the
+    weight the kernel computes with, dequantised once and kept on the module."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: QuantizedLinear, kernel: Any) -> Tensor:
+        ctx.module = module
+        return kernel(module, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        module = ctx.module
+        weight = module.__dict__.get("_backward_weight")
+        if weight is None or weight.dtype != grad.dtype:
+            weight = module.dequantized_weight().to(grad.dtype)
+            module.__dict__["_backward_weight"] = weight  # not a buffer: never saved
+        return grad @ weight, None, None
+
+
 class QuantizedLinear(RuntimeModule):
-    """A drop-in nn.Linear replacement holding low-bit weights as buffers."""
+    """A drop-in nn.Linear replacement holding low-bit weights as buffers.
+
+    Weights are frozen, but an input that requires grad gets one back (the
+    kernels have no autograd formula): each subclass's `forward` is wrapped
+    once, here, and serving (no grad) pays one attribute check.
+    """
 
     bits: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kernel = cls.__dict__.get("forward")
+        if kernel is None:
+            return
+
+        def forward(self: QuantizedLinear, x: Tensor) -> Tensor:
+            if x.requires_grad and torch.is_grad_enabled():
+                return _KernelWithInputGradient.apply(x, self, kernel)
+            return kernel(self, x)
+
+        cls.forward = forward  # type: ignore[method-assign]
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 `[out, in]` weight the kernel computes with (for gradients)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pass gradients to its input")
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()

@@ -240,6 +240,12 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         n = self.out_features
         return q[:n], scale[:n], zero[:n]
 
+    def dequantized_weight(self) -> Tensor:
+        q, scale, zero = self.unpacked()
+        width = self.group_size
+        w = (q.float() - zero.repeat_interleave(width, 1)) * scale.repeat_interleave(width, 1)
+        return w[:, : self.in_features]
+
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
         if self.padded_in != self.in_features:

@@ -93,6 +93,9 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         """An lm_head sharing the codes and scales of a quantised embedding."""
         return cls(embedding.weight, embedding.scale, None)
 
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
+
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
         if x2.device.type == "cpu" and x2.shape[0] < DEQUANT_MIN_ROWS:

@@ -129,6 +129,10 @@ class W8A8Linear(QuantizedLinear):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "activations": "static" if self.static else "dynamic"}
 
+    def dequantized_weight(self) -> Tensor:
+        """The weight only: activation rounding passes gradients straight through."""
+        return self.weight.float() * self.weight_scale.float().reshape(-1, 1)
+
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
         if self.static:
