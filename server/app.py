@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from quantizers.loading import LoadedModel, load_model
+from server.adapter_jobs import AdapterJobs
 from server.auth import require_admin, require_api_key
 from server.engine import Engine
 from server.engine.device import resolve_device
@@ -28,7 +29,7 @@ from server.limits import BodySizeLimit
 from server.memory import release_freed_memory
 from server.observability import install_observability
 from server.quantization_service import install_quantization, startup_model
-from server.routes import chat, completions, health, lora_adapters, models
+from server.routes import adapter_training, chat, completions, health, lora_adapters, models
 from server.settings import Settings
 
 log = logging.getLogger("quantserve")
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.draining = True
         app.state.jobs.shutdown()
+        app.state.adapter_jobs.shutdown()
         engine: Engine | None = app.state.engine
         if engine is not None:
             engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
@@ -120,7 +122,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so outermost: 413s and CORS answers get a request id and a metric too.
     install_observability(app)
     app.include_router(health.router)
-    install_quantization(app, settings, resolve_device(settings.device))
+    jobs = install_quantization(app, settings, resolve_device(settings.device))
+    app.state.adapter_jobs = AdapterJobs(
+        settings.cache_dir / "adapters", jobs, lambda: app.state.engine,
+        serve_dtype=settings.dtype, max_bytes=settings.adapter_train_max_bytes,
+    )
+    app.include_router(adapter_training.router)
     v1 = [Depends(require_api_key), Depends(require_engine)]
     for router in (completions.router, chat.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=v1)

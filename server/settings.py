@@ -94,6 +94,9 @@ class Settings(BaseSettings):
         default=8, ge=1, description="LoRA adapters loaded at once; loading one more unloads "
         "the least recently used.")
     max_lora_rank: int = Field(default=64, ge=1, description="Largest LoRA rank accepted.")
+    adapter_train_max_bytes: int = Field(
+        default=4 << 30, ge=1 << 20, description="Memory bound of one LoRA training job "
+        "(its estimated peak); larger requests are refused.")
     max_completion_tokens: int = Field(
         default=2048, ge=1, description="Upper bound on max_tokens for any request."
     )

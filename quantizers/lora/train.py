@@ -162,7 +162,7 @@ def train_lora(
         setattr(parent, attr, lora)
         wrapped[path] = (parent, attr, lora)
     params = [p for _, _, lora in wrapped.values() for p in (lora.a, lora.b)]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, fused=True)
     device = params[0].device
     was_training = model.training
     model.eval()  # no dropout: the frozen model computes what it serves

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Self
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Quantised models compute in bfloat16: torch's CPU int8/int4 kernels take a
@@ -68,24 +69,34 @@ class RuntimeModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.describe().items())
 
 
-class _KernelWithInputGradient(torch.autograd.Function):
-    """A frozen low-bit linear that passes gradients to its input (LoRA training
-    on a quantised base): forward on the kernel, backward `grad @ W` with W the
-    weight the kernel computes with, dequantised once and kept on the module."""
+def _training_weight(module: QuantizedLinear) -> Tensor:
+    """The module's weight dequantised to the compute dtype, once, kept on the
+    module outside its state (never saved) for as long as the module lives."""
+    weight = module.__dict__.get("_training_weight")
+    if weight is None:
+        weight = module.dequantized_weight().to(COMPUTE_DTYPE)
+        module.__dict__["_training_weight"] = weight
+    return weight
+
+
+class _DequantizedWithInputGradient(torch.autograd.Function):
+    """A frozen low-bit linear on an input that requires grad (LoRA training on a
+    quantised base): `x @ W.T` and `grad @ W`, W being exactly the weight the
+    codes hold, dequantised once. A bf16 matmul on it is the kernel's product up
+    to accumulation order, and ~15x faster at training's row counts (256 rows
+    of SmolLM2's MLP: 0.9 ms against the int4 kernel's 14 ms, 1 thread)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: QuantizedLinear, kernel: Any) -> Tensor:
+    def forward(ctx: Any, x: Tensor, module: QuantizedLinear) -> Tensor:
         ctx.module = module
-        return kernel(module, x)
+        weight = _training_weight(module)
+        bias = None if module.bias is None else module.bias.to(weight.dtype)
+        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        module = ctx.module
-        weight = module.__dict__.get("_backward_weight")
-        if weight is None or weight.dtype != grad.dtype:
-            weight = module.dequantized_weight().to(grad.dtype)
-            module.__dict__["_backward_weight"] = weight  # not a buffer: never saved
-        return grad @ weight, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        weight = _training_weight(ctx.module)
+        return (grad.to(weight.dtype) @ weight).to(grad.dtype), None
 
 
 class QuantizedLinear(RuntimeModule):
@@ -93,7 +104,7 @@ class QuantizedLinear(RuntimeModule):
 
     Weights are frozen, but an input that requires grad gets one back (the
     kernels have no autograd formula): each subclass's `forward` is wrapped
-    once, here, and serving (no grad) pays one attribute check.
+    once, here; serving (no grad) pays one attribute check and runs the kernel.
     """
 
     bits: ClassVar[int]
@@ -106,7 +117,7 @@ class QuantizedLinear(RuntimeModule):
 
         def forward(self: QuantizedLinear, x: Tensor) -> Tensor:
             if x.requires_grad and torch.is_grad_enabled():
-                return _KernelWithInputGradient.apply(x, self, kernel)
+                return _DequantizedWithInputGradient.apply(x, self)
             return kernel(self, x)
 
         cls.forward = forward  # type: ignore[method-assign]

@@ -35,8 +35,9 @@ def test_input_gradient_is_that_of_the_dequantised_weight(kind: str) -> None:
     reference = x.detach() @ weight.T + module.bias.float()
     assert (served - reference).abs().max() < 0.3 * (linear(x) - reference).abs().max() + 0.03
     upstream = torch.randn(6, 200)
-    out = module(x)
-    assert torch.equal(out.detach(), served)  # the same kernel computed it
+    out = module(x)  # on the dequantised weight in bf16: the kernel's numbers, re-accumulated
+    assert (out.detach() - served).abs().max() <= 0.02 * served.abs().max()
     out.backward(upstream)
-    torch.testing.assert_close(x.grad, upstream @ weight, atol=1e-4, rtol=1e-4)
+    expected = upstream.bfloat16().float() @ weight.bfloat16().float()
+    torch.testing.assert_close(x.grad, expected, atol=0.05, rtol=0.02)
     assert not any(t.requires_grad for t in module.parameters())
