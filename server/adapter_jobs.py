@@ -42,7 +42,7 @@ from quantizers.datasets import data_file
 from quantizers.errors import ConfigError
 from quantizers.loading import LoadedModel, load_model
 from quantizers.lora import LoraAdapter, read_adapter, write_adapter
-from quantizers.lora.train import LoraTrainConfig, TrainingCancelled, train_lora
+from quantizers.lora.train import LoraTrainConfig, TrainingCancelled, target_paths, train_lora
 from server.engine import Engine
 from server.engine.device import logical_weights
 from server.memory import release_freed_memory
@@ -173,6 +173,7 @@ class AdapterJobs:
         loaded = engine.loaded
         if name == loaded.model_id or name in {a.name for a in engine.adapters()}:
             raise ConfigError(f"the name {name!r} is already served; pick another", "name")
+        target_paths(loaded.model, config.target_modules)  # a ConfigError naming none found
         if not 0 < train_fraction <= 1:
             raise ConfigError("train_fraction must be in (0, 1]", "train_fraction")
         needed = training_bytes(loaded.model, config)

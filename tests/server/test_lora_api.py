@@ -3,6 +3,7 @@ that name an adapter, against a real server on a tiny Llama (openai client + htt
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,73 @@ def test_max_loras_unloads_the_least_recently_used(
     assert ids == ["tiny", "a", "c"]
     for name in ("a", "c"):
         assert _unload(http, name).status_code == 200
+
+
+def _wait(http: httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/admin/adapters/jobs/{job_id}", headers=AUTH).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_train_an_adapter_while_serving(
+    http: httpx.Client, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    text = tmp_path / "pattern.txt"
+    text.write_text("abcabd " * 400)
+    body = {
+        "name": "pattern",
+        "dataset": str(text),
+        "rank": 4,
+        "alpha": 8,
+        "steps": 30,
+        "learning_rate": 0.05,
+        # The tiny random model's head is too small to peak its logits: adapt it too.
+        "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"],
+        "seq_len": 32,
+        "batch_size": 2,
+    }
+    started = http.post("/admin/adapters", json=body, headers=AUTH)
+    assert started.status_code == 202, started.text
+    job_id = started.json()["id"]
+    assert _complete(client, "tiny")  # the base keeps serving meanwhile
+    job = _wait(http, job_id)
+    assert job["state"] == "succeeded", job
+    assert job["step"] == 30 and len(job["losses"]) == 30
+    assert sum(job["losses"][-5:]) < 0.7 * sum(job["losses"][:5])
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["pattern"].parent == "tiny" and job["key"] in cards["pattern"].root
+    tuned = client.completions.create(
+        model="pattern", prompt="abcabd abc", max_tokens=8, temperature=0
+    )
+    assert set(tuned.choices[0].text) <= set("abcd ")  # it writes the text's letters
+    assert _unload(http, "pattern").status_code == 200
+    again = http.post("/admin/adapters", json=body, headers=AUTH)  # same base, text, config
+    assert again.status_code == 200 and again.json()["cache_hit"], again.text
+    assert _unload(http, "pattern").status_code == 200
+
+
+def test_cancel_training_and_bad_requests(http: httpx.Client, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 300)
+    body = {"name": "long", "dataset": str(text), "steps": 100000, "seq_len": 16}
+    job_id = http.post("/admin/adapters", json=body, headers=AUTH).json()["id"]
+    while http.get(f"/admin/adapters/jobs/{job_id}", headers=AUTH).json()["step"] < 1:
+        time.sleep(0.05)
+    assert http.delete(f"/admin/adapters/jobs/{job_id}", headers=AUTH).status_code == 200
+    assert _wait(http, job_id)["state"] == "cancelled"
+    assert "long" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    for bad, param in [
+        ({"rank": 0}, "rank"),
+        ({"dataset": str(tmp_path / "missing.txt")}, "dataset"),
+        ({"target_modules": ["c_attn"]}, "target_modules"),
+        ({"name": "tiny"}, "name"),
+        ({"batch_size": 64, "seq_len": 4096}, "batch_size"),  # over the memory bound
+    ]:
+        response = http.post("/admin/adapters", json={**body, **bad}, headers=AUTH)
+        assert response.status_code == 422, (bad, response.text)
+        assert response.json()["error"]["param"] == param
+    assert http.post("/admin/adapters", json=body).status_code == 401
