@@ -12,10 +12,11 @@ targets, `LoraSet` holds two float32 stacks over adapter slots (slot 0 is
 
 so one product serves a fused group whatever parts each adapter targets.
 A call with one adapter for every row (a prefill) computes `(x @ A[s]) @ B[s]`;
-a decode step gathers each row's slot and runs two batched matmuls (a
-gathered matmul: one stack entry per row), so base and any adapters share the
-batch, and each row's delta is computed on its own: the same bits whatever
-else is in the batch (tested).
+a decode step is segmented by adapter: each adapter's rows are gathered and
+run as one matmul pair on its stack entry, the deltas added back to their rows
+(base rows add nothing), so base and any adapters share the batch, each
+adapter's factors are read once per step, and each row's delta has the same
+bits whatever else is in the batch (tested).
 
 `LoraState` is the one object the wrappers read: the worker pins the current
 set and the rows' slots before each runner call. A wrapper is installed only
@@ -89,39 +90,74 @@ def build_set(
     return LoraSet(slot_of, stacks)
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """The rows of one adapter in a decode step: `gather` indexes them, padded to
+    at least two rows (see `LoraState.select`), `count` is how many are real."""
+
+    slot: int
+    gather: Tensor
+    count: int
+
+
 class LoraState:
     """What the wrappers read during one runner call."""
 
     def __init__(self) -> None:
         self.current: LoraSet | None = None  # replaced between steps, never during one
-        self.rows: int | Tensor | None = None  # one slot for all rows, a slot per row, none
+        self.single: int | None = None  # a prefill's slot (one sequence, every row)
+        self.segments: list[_Segment] = []  # a decode step's rows, by adapter
+        self.whole = False  # one segment holding every row, in order
 
     def select(self, uids: Sequence[int | None], *, single: bool) -> None:
-        """Pin the slots of the call's sequences (`single`: one sequence, all rows)."""
+        """Pin the slots of the call's sequences (`single`: one sequence, all rows).
+
+        A decode step is segmented by adapter: each adapter's rows run as one
+        matmul pair on that adapter's factors. float32 matmuls compute a row
+        the same way whatever the row count from two rows up, but one row takes
+        another kernel (a matrix-vector product, other rounding): a lone row is
+        padded with a copy of itself, so every row's delta has the same bits
+        alone and in any batch (tested).
+        """
+        self.single, self.segments, self.whole = None, [], False
         current = self.current
         if current is None:
-            self.rows = None
             return
         slots = [0 if uid is None else current.slot_of[uid] for uid in uids]
-        if not any(slots):
-            self.rows = None
-        elif single:
-            self.rows = slots[0]
-        else:
-            self.rows = torch.tensor(slots, dtype=torch.long)
+        if single:
+            self.single = slots[0] or None
+            return
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                by_slot.setdefault(slot, []).append(row)
+        for slot, rows in by_slot.items():
+            padded = rows * 2 if len(rows) == 1 else rows
+            self.segments.append(_Segment(slot, torch.tensor(padded), len(rows)))
+        self.whole = len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(slots)
 
     def add(self, key: GroupKey, x: Tensor, out: Tensor) -> Tensor:
         """`out` plus each row's low-rank delta for group `key`."""
-        rows, current = self.rows, self.current
-        if rows is None or current is None or key not in current.stacks:
+        current = self.current
+        if current is None or (self.single is None and not self.segments):
             return out
-        a, b = current.stacks[key]
+        stacks = current.stacks.get(key)
+        if stacks is None:
+            return out
+        a, b = stacks
         xf = x.reshape(-1, a.shape[1]).float()
-        if isinstance(rows, int):
-            delta = (xf @ a[rows]) @ b[rows]
+        if self.single is not None:
+            delta = (xf @ a[self.single]) @ b[self.single]
+        elif self.whole:
+            segment = self.segments[0]
+            rows = xf.index_select(0, segment.gather.to(xf.device))
+            delta = ((rows @ a[segment.slot]) @ b[segment.slot])[: segment.count]
         else:
-            down = torch.bmm(xf[:, None], a.index_select(0, rows.to(a.device)))
-            delta = torch.bmm(down, b.index_select(0, rows.to(a.device)))[:, 0]
+            delta = xf.new_zeros(xf.shape[0], b.shape[2])
+            for segment in self.segments:
+                gather = segment.gather.to(xf.device)
+                part = (xf.index_select(0, gather) @ a[segment.slot]) @ b[segment.slot]
+                delta.index_add_(0, gather[: segment.count], part[: segment.count])
         return out + delta.view(out.shape).to(out.dtype)
 
 
