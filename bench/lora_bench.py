@@ -18,7 +18,10 @@ The machine is shared: ratios are of contenders measured in the same run,
 alternated; CPU time (`process_time`, all threads of this process) is less
 sensitive to neighbours than wall time.
 
-    .venv/bin/python bench/lora_bench.py --threads 2 --output-json /tmp/lora.json
+    .venv/bin/python bench/lora_bench.py --output-json /tmp/lora.json
+
+(defaults: the run in docs/benchmarks.md; 1 torch thread, since on a shared
+machine 2 threads spent most of a training step waiting at OpenMP barriers)
 """
 
 from __future__ import annotations
@@ -131,15 +134,15 @@ def compare(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dataset", default="tinyshakespeare")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output-json", type=Path)
