@@ -8,6 +8,7 @@ served under its name when the job succeeds.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -18,10 +19,28 @@ from server.adapter_jobs import AdapterJob, AdapterJobs, AdapterJobState
 from server.auth import require_admin
 from server.engine.adapters import DuplicateAdapter
 from server.engine.lora import AdapterMismatch
-from server.errors import APIError
+from server.errors import APIError, ErrorResponse
 from server.schemas.adapters import AdapterJobList, AdapterJobStatus, TrainAdapterRequest
 
-router = APIRouter(prefix="/admin/adapters", tags=["admin"], dependencies=[Depends(require_admin)])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "The body is not valid JSON, or the adapter cannot be served under that name",
+        401: "No admin token sent",
+        403: "Wrong admin token",
+        404: "Unknown job, or the admin API is disabled (no admin token configured)",
+        409: "A job is already training an adapter of that name",
+        422: "Invalid request; `param` names the field",
+        503: "The model is still loading",
+    }.items()
+}
+
+router = APIRouter(
+    prefix="/admin/adapters",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=_ERRORS,
+)
 
 
 def _jobs(request: Request) -> AdapterJobs:
@@ -36,6 +55,9 @@ def _jobs(request: Request) -> AdapterJobs:
     "",
     status_code=202,
     response_model=AdapterJobStatus,
+    responses={
+        200: {"model": AdapterJobStatus, "description": "A stored adapter matched; now served"}
+    },
     summary="Train a LoRA adapter on the served variant; served as `name` when done",
 )
 def train_adapter(body: TrainAdapterRequest, request: Request) -> JSONResponse:
