@@ -47,6 +47,7 @@ def cache_config(settings: Settings) -> CacheConfig:
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         block_size=settings.block_size, prefix_caching=settings.enable_prefix_caching,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
 
 

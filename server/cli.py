@@ -66,6 +66,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         ("--kv-cache-bytes", {"type": int, "help": "bytes of the paged KV cache (default 512 "
                                                    "MiB on CPU, a share of free memory on "
                                                    "CUDA) [QUANTSERVE_KV_CACHE_BYTES]"}),
+        ("--kv-cache-dtype", {"choices": ("auto", "int8"),
+                              "help": "KV cache storage: auto (the model's dtype, default) "
+                                      "or int8 (half the bytes per block) "
+                                      "[QUANTSERVE_KV_CACHE_DTYPE]"}),
         ("--max-batch", {"type": int, "help": "deprecated: use --max-num-seqs "
                                               "[QUANTSERVE_MAX_BATCH]"}),
         ("--max-batch-tokens", {"type": int, "help": "deprecated: use --max-model-len "

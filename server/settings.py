@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         "512 MiB on CPU (pages are only resident once used); on CUDA what keeps the process "
         "within gpu_memory_utilization of the device's memory.")
     block_size: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
+    kv_cache_dtype: Literal["auto", "int8"] = Field(
+        default="auto", description="How the KV cache stores keys and values: `auto` in the "
+        "model's dtype; `int8` as int8 codes with a scale per token and head (about half the "
+        "bytes, so twice the blocks in the same kv_cache_bytes).")
     enable_prefix_caching: bool = Field(
         default=True, description="Reuse the KV blocks of prompt prefixes across requests.")
     # Deprecated names, read for one release: max_batch is max_num_seqs, and

@@ -7,6 +7,14 @@ list. All layers live in one allocation: on CPU it is large enough to be
 mapped fresh from the operating system, whose pages only become resident when
 a block is first written, so an idle server does not pay for its pool.
 
+With `kv_cache_dtype` int8 each layer's keys and values are `Int8Rows`:
+int8 codes with a float16 scale per token and head (`quantizers/kv_int8.py`),
+quantised as they are written and dequantised as they are read, behind the
+three tensor operations the runners use on the pool (`index_copy_`,
+`index_select`, slicing), so the runners' attention code is the same for both.
+A block then takes about half the bytes, and a budget holds about twice the
+blocks.
+
 A `KVPool` pairs the tensors with the `BlockManager` that hands their blocks
 out. Models whose cache shape (layers, KV heads, head size, dtype, device)
 match share one pool: a swap to another variant of the same model reuses it.
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantizers.kv_int8 import SCALE_DTYPE, dequantize_rows, quantize_rows, row_bytes
 from server.engine.block_manager import BlockManager
 from server.engine.device import device_kv_cache_budget
 
@@ -35,12 +44,13 @@ class KVSpec:
     layers: int
     kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # what attention computes in (the model's)
     device: torch.device
+    cache_dtype: str = "auto"  # how the pool stores it: "auto" (dtype) or "int8"
 
     def block_bytes(self, block_size: int) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.layers * block_size * self.kv_heads * self.head_dim * element
+        row = row_bytes(self.head_dim, self.cache_dtype, self.dtype)
+        return 2 * self.layers * block_size * self.kv_heads * row
 
 
 def pool_bytes(
@@ -55,6 +65,34 @@ def pool_bytes(
     return CPU_DEFAULT_KV_CACHE_BYTES if budget is None else budget
 
 
+class Int8Rows:
+    """One layer's keys (or values) as int8 codes `[slots, kv_heads, head_dim]`
+    and float16 scales `[slots, kv_heads]`, read and written in `dtype`."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        self.codes = codes
+        self.scales = scales
+        self.dtype = dtype
+
+    def index_copy_(self, dim: int, index: torch.Tensor, rows: torch.Tensor) -> Int8Rows:
+        codes, scales = quantize_rows(rows)
+        self.codes.index_copy_(dim, index, codes)
+        self.scales.index_copy_(dim, index, scales)
+        return self
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(
+            self.codes.index_select(dim, index), self.scales.index_select(dim, index), self.dtype
+        )
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return dequantize_rows(self.codes[rows], self.scales[rows], self.dtype)
+
+
+# A layer's keys or values in the pool: a tensor, or int8 rows that act like one.
+KVRows = torch.Tensor | Int8Rows
+
+
 class KVCache:
     """Key and value slots for `num_blocks` blocks of every layer."""
 
@@ -62,15 +100,24 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
+        shape = (2, spec.layers, num_blocks * block_size, spec.kv_heads, spec.head_dim)
         # Uninitialised on purpose: attention only ever reads slots already written.
-        storage = torch.empty(
-            (2, spec.layers, slots, spec.kv_heads, spec.head_dim),
-            dtype=spec.dtype, device=spec.device,
-        )
-        self.k = list(storage[0].unbind(0))
-        self.v = list(storage[1].unbind(0))
-        self.nbytes = storage.numel() * storage.element_size()
+        if spec.cache_dtype == "int8":
+            codes = torch.empty(shape, dtype=torch.int8, device=spec.device)
+            scales = torch.empty(shape[:-1], dtype=SCALE_DTYPE, device=spec.device)
+            self.k: list[KVRows] = [
+                Int8Rows(c, s, spec.dtype) for c, s in zip(codes[0], scales[0], strict=True)
+            ]
+            self.v: list[KVRows] = [
+                Int8Rows(c, s, spec.dtype) for c, s in zip(codes[1], scales[1], strict=True)
+            ]
+            parts = (codes, scales)
+        else:
+            storage = torch.empty(shape, dtype=spec.dtype, device=spec.device)
+            self.k = list(storage[0].unbind(0))
+            self.v = list(storage[1].unbind(0))
+            parts = (storage,)
+        self.nbytes = sum(p.numel() * p.element_size() for p in parts)
 
     def slot_rows(self, block_ids: list[int], length: int) -> torch.Tensor:
         """Slots of a sequence's first `length` tokens, in order."""

@@ -19,6 +19,7 @@ model serves eagerly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -28,7 +29,7 @@ import torch
 
 from quantizers.loading import LoadedModel
 from server.engine.hf_runner import GeneralRunner
-from server.engine.kv_cache import KVCache, KVPool
+from server.engine.kv_cache import KVCache, KVPool, KVSpec
 from server.engine.llama_runner import LlamaRunner
 from server.engine.lora import LoraHooks
 from server.engine.runner_choice import RunnerMode, architecture, choose_runner
@@ -71,9 +72,10 @@ class ServedModel:
 
     def __init__(
         self, loaded: LoadedModel, *, max_num_seqs: int, max_model_len: int,
-        compile: CompileMode = "off", runner: RunnerMode = "auto",
+        compile: CompileMode = "off", runner: RunnerMode = "auto", kv_cache_dtype: str = "auto",
     ) -> None:
         self.loaded = loaded
+        self.kv_cache_dtype = kv_cache_dtype
         self.version = next(_versions)
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_model_len, loaded.context_length)
@@ -120,13 +122,18 @@ class ServedModel:
         return self.warmup_s
 
     @property
+    def kv_spec(self) -> KVSpec:
+        """The runner's KV shape, stored as `kv_cache_dtype` says."""
+        return dataclasses.replace(self.runner.kv_spec, cache_dtype=self.kv_cache_dtype)
+
+    @property
     def compiled(self) -> bool:
         return self.compile and self.compile_error is None
 
     def _warmup_cache(self) -> tuple[KVCache, list[int]]:
         """A private cache with one sequence's worth of blocks for warm-up calls."""
         blocks = -(-_WARMUP_PROMPT // _WARMUP_BLOCK) + 1
-        return KVCache(self.runner.kv_spec, blocks, _WARMUP_BLOCK), list(range(blocks))
+        return KVCache(self.kv_spec, blocks, _WARMUP_BLOCK), list(range(blocks))
 
     def _run_every_batch_size(self) -> None:
         runner = self.runner

@@ -12,17 +12,21 @@ of its own, and the old one is freed with the last sequence that uses it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from quantizers.kv_int8 import KV_CACHE_DTYPES
 from quantizers.loading import LoadedModel
 from server.engine.block_manager import Allocation, BlockStats
 from server.engine.kv_cache import KVPool, pool_bytes
 from server.engine.runner_choice import RunnerMode
 from server.engine.served_model import CompileMode, ServedModel
+
+log = logging.getLogger("quantserve.engine")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (quantizers/kv_int8.py)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"not {self.kv_cache_dtype!r}"
+            )
 
 
 class Running(Protocol):
@@ -69,9 +81,9 @@ class Worker:
         """A served model for `loaded` with its pool: `current`'s when shapes allow."""
         served = ServedModel(
             loaded, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-            compile=self.compile, runner=self.runner,
+            compile=self.compile, runner=self.runner, kv_cache_dtype=self.cache.kv_cache_dtype,
         )
-        spec = served.runner.kv_spec
+        spec = served.kv_spec
         shared = current.pool if current is not None else None
         if shared is not None and shared.cache.spec == spec:
             served.pool = shared
@@ -80,6 +92,11 @@ class Worker:
             served.pool = KVPool.create(
                 spec, budget_bytes=budget, block_size=self.cache.block_size,
                 prefix_caching=self.cache.prefix_caching,
+            )
+            log.info(
+                "KV cache: %d blocks of %d tokens, %s, %.1f MiB", served.pool.cache.num_blocks,
+                self.cache.block_size, spec.cache_dtype if spec.cache_dtype != "auto"
+                else str(spec.dtype).removeprefix("torch."), served.pool.cache.nbytes / 2**20,
             )
         capacity = served.pool.cache.num_blocks * served.pool.cache.block_size
         if capacity < served.max_seq_len:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from quantizers.kv_int8 import row_bytes
 from quantizers.loading import LoadedModel
 from server.engine.kv_cache import KVCache
 from server.engine.llama_runner import LlamaRunner
@@ -21,10 +20,9 @@ def scratch_cache(
     return cache, tables
 
 
-def block_bytes(loaded: LoadedModel, block_size: int) -> int:
-    """Bytes of one KV block of `loaded`'s model in its dtype."""
+def block_bytes(loaded: LoadedModel, block_size: int, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one KV block of `loaded`'s model stored as `kv_cache_dtype`."""
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.empty((), dtype=loaded.dtype).element_size()
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
-    return per_token * block_size
+    row = row_bytes(head_dim, kv_cache_dtype, loaded.dtype)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * row * block_size

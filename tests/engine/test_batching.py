@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from quantizers.loading import LoadedModel
 from server.engine import Engine, Finish, GenerationRequest, TokenDelta
 from server.engine.worker import CacheConfig
@@ -105,11 +107,12 @@ def test_batch_is_bounded_and_excess_waits(loaded: LoadedModel) -> None:
 
 
 def _small_pool(
-    loaded: LoadedModel, blocks: int, *, prefix_caching: bool = True, **limits: int
+    loaded: LoadedModel, blocks: int, *, prefix_caching: bool = True,
+    kv_cache_dtype: str = "auto", **limits: int,
 ) -> Engine:
     cache = CacheConfig(
-        kv_cache_bytes=block_bytes(loaded, 16) * blocks, block_size=16,
-        prefix_caching=prefix_caching,
+        kv_cache_bytes=block_bytes(loaded, 16, kv_cache_dtype) * blocks, block_size=16,
+        prefix_caching=prefix_caching, kv_cache_dtype=kv_cache_dtype,
     )
     engine = Engine(loaded, cache=cache, num_threads=1, **limits)
     engine.start()
@@ -137,10 +140,12 @@ def _peak_running(engine: Engine, requests: list[GenerationRequest]) -> tuple[in
     return peak, results
 
 
-def test_free_blocks_limit_admission(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_free_blocks_limit_admission(loaded: LoadedModel, kv_cache_dtype: str) -> None:
     """Sequences of 40 + 8 tokens take 3 blocks of 16 each: a pool of 8 admits two
     at a time; the others wait (no error) and finish as they would alone."""
-    engine = _small_pool(loaded, 8, prefix_caching=False, max_num_seqs=8, max_model_len=120)
+    engine = _small_pool(loaded, 8, prefix_caching=False, max_num_seqs=8, max_model_len=120,
+                         kv_cache_dtype=kv_cache_dtype)
     ids = [(7 * i) % 200 + 3 for i in range(40)]
     requests = [request([v + k for v in ids], max_tokens=8, ignore_eos=True) for k in range(4)]
     try:
@@ -154,11 +159,18 @@ def test_free_blocks_limit_admission(loaded: LoadedModel) -> None:
     assert stats.kv_blocks_total == 8 and stats.kv_blocks_used == 0
 
 
-def test_a_sequence_that_cannot_grow_preempts_the_newest(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_a_sequence_that_cannot_grow_preempts_the_newest(
+    loaded: LoadedModel, kv_cache_dtype: str
+) -> None:
     """Four 5-token prompts are admitted at once (one block each) but each grows
     to 55 tokens (4 blocks) in a pool of 8: the newest are preempted, recomputed
-    later, and every output is what it is alone."""
-    engine = _small_pool(loaded, 8, max_num_seqs=8, max_model_len=120)
+    later, and every output is what it is alone. In int8 a recomputation's
+    prefill attends over its own fresh keys where the first run read them back
+    from int8, so equality there also says those errors stay below this model's
+    margins between its top tokens."""
+    engine = _small_pool(loaded, 8, max_num_seqs=8, max_model_len=120,
+                         kv_cache_dtype=kv_cache_dtype)
     prompts = [loaded.tokenizer.encode(p) for p in ("hello", "one two", "abc", "x y z")]
     requests = [request(p, max_tokens=50, ignore_eos=True) for p in prompts]
     try:

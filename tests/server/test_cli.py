@@ -96,3 +96,12 @@ def test_a_step_must_fit_one_sequence() -> None:
 
     with pytest.raises(ValidationError, match="max_num_batched_tokens"):
         Settings(max_model_len=2048, max_num_batched_tokens=1024)
+
+
+def test_a_bad_kv_cache_dtype_fails_with_one_line_naming_the_setting() -> None:
+    out = _cli("serve", "--port", "0", env={"QUANTSERVE_KV_CACHE_DTYPE": "fp8"})
+    assert out.returncode == 2
+    assert out.stderr.startswith("quantserve: invalid setting kv_cache_dtype:")
+    assert "'auto' or 'int8'" in out.stderr and "Traceback" not in out.stderr
+    flag = _cli("serve", "--port", "0", "--kv-cache-dtype", "fp8")
+    assert flag.returncode == 2 and "--kv-cache-dtype: invalid choice: 'fp8'" in flag.stderr
