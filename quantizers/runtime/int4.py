@@ -3,7 +3,9 @@
 Weights are asymmetric 4-bit codes with a (scale, zero point) per group of
 `group_size` input channels, packed in the layout of the int4 matmul kernel of
 the module's device (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm`
-on CUDA). The kernels need the input size to be a multiple of the group size.
+on CUDA). On CPU, decode-sized inputs run quantserve's own kernel, which reads
+that same packing (`quantizers/kernels`), where the CPU has AVX512-BF16.
+The kernels need the input size to be a multiple of the group size.
 When it is not (SmolLM2's 576 with groups of 128), the whole groups are one
 packed matrix and the last, partial group a second one whose kernel group is
 the narrowest kernel group size that holds it (64 for 576 = 4 x 128 + 64): both
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantizers import kernels
 from quantizers.packing import (
     INT4_MID,
     INT4_N_MULTIPLE,
@@ -36,6 +39,8 @@ from quantizers.primitives import pad_to_multiple, quantize_per_group_asymmetric
 from quantizers.runtime.base import COMPUTE_DTYPE, QuantizedLinear, as_matrix, kernel_tensor
 
 GROUP_SIZES = (32, 64, 128)
+# Row counts below this are decode batches (bench/kernels_bench.py).
+OWN_KERNEL_MAX_ROWS = 32
 
 
 def kernel_layout(device: torch.device) -> str:
@@ -250,12 +255,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         x2, lead = as_matrix(x, self.in_features)
         if self.padded_in != self.in_features:
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
+        # Decode-sized inputs on CPU run quantserve's kernel where it reads this
+        # packing; prefill-sized ones stay on torch's (faster with many rows).
+        matmul = int4_matmul
+        if x2.device.type == "cpu" and x2.shape[0] < OWN_KERNEL_MAX_ROWS:
+            matmul = kernels.int4_linear
         out = None
         if self.packed is not None:
             head = x2 if self.tail_packed is None else x2[:, : self.main_in].contiguous()
-            out = int4_matmul(head, self.packed, self.group_size, self.scales_and_zeros)
+            out = matmul(head, self.packed, self.group_size, self.scales_and_zeros)
         if self.tail_packed is not None:
-            tail = int4_matmul(
+            tail = matmul(
                 x2[:, self.main_in :].contiguous(),
                 self.tail_packed,
                 self.tail_in,

@@ -1,6 +1,7 @@
 """Int8 weight-only linear: per-channel symmetric int8 weights, bf16 activations.
 
-On CPU, for few rows (decode), the matmul is torch's `_weight_int8pack_mm`,
+On CPU, for few rows (decode), the matmul is quantserve's own kernel
+(`quantizers/kernels`; torch's `_weight_int8pack_mm` where it cannot be built),
 which reads the int8 weight directly (a quarter of the float32 bytes) and is
 2-7x faster than a bfloat16 matmul at one row. Its cost grows linearly with the
 rows, though: from 32 rows on (prefill) it is slower than casting the int8
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantizers import kernels
 from quantizers.primitives import quantize_per_channel_symmetric
 from quantizers.runtime.base import (
     COMPUTE_DTYPE,
@@ -99,7 +101,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
         if x2.device.type == "cpu" and x2.shape[0] < DEQUANT_MIN_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+            out = kernels.int8_linear(x2, self.weight, self.scale)
         else:
             out = dequantized_matmul(x2, self.weight, self.scale)
         return self._finish(out, lead, x.dtype)

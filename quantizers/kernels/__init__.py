@@ -1,0 +1,129 @@
+"""quantserve's own CPU kernels for weight-only int8 and int4 matmuls at few rows.
+
+`lowbit.cpp` is compiled with torch's C++ extension tooling on first use into
+a cache folder (`QUANTSERVE_KERNEL_DIR`, default `~/.cache/quantserve/kernels`,
+keyed by the source, torch version and Python), then loaded from there in later
+processes. The build targets a generic CPU; the AVX-512 / AVX2 / scalar paths
+are chosen at run time by CPU feature, so one build serves every CPU of an
+architecture (the Docker image builds it once, at image build time).
+
+When no compiler is present, the build fails, or `QUANTSERVE_KERNELS=off`,
+`available()` is False after one logged warning and the runtime modules keep
+torch's stock kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+The int4 kernel needs AVX512-BF16 (and weights in whole 64-channel blocks of
+torch's CPU packing); elsewhere int4 stays on torch's kernel.
+
+Both serve decode-sized inputs only (the runtime modules route prefill-sized
+ones elsewhere): every output channel's sum runs in the same order whatever
+the row count, so a sequence's logits do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lowbit.cpp")
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512-bf16")
+# Output channels per block of torch's CPU int4 packing, which the kernel reads.
+INT4_BLOCK = 64
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def cache_dir() -> Path:
+    """Where the compiled library lives: per source, torch and Python version."""
+    root = os.environ.get("QUANTSERVE_KERNEL_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantserve" / "kernels"
+    )
+    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    return Path(root) / tag.replace("+", "_")
+
+
+def _build() -> None:
+    """Compile (or reuse) and load the library, registering `torch.ops.quantserve`."""
+    from torch.utils import cpp_extension
+
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="quantserve_lowbit",
+        sources=[str(SOURCE)],
+        build_directory=str(folder),
+        extra_cflags=["-O3"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def available() -> bool:
+    """Whether quantserve's kernels are loaded (building them on the first call)."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+    return _state["ok"]
+
+
+def _load() -> bool:
+    if os.environ.get("QUANTSERVE_KERNELS", "on").lower() in ("0", "off", "false", "no"):
+        return False
+    try:
+        _build()
+    except Exception as exc:  # no compiler, no headers, a read-only cache: stock kernels
+        log.warning(
+            "quantserve CPU kernels unavailable (%s); using torch's stock kernels",
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return False
+    _register_fakes()
+    log.info("quantserve CPU kernels loaded (%s path)", isa())
+    return True
+
+
+def _register_fakes() -> None:
+    """Output shapes for tracing (`torch.compile` of a decode step)."""
+
+    @torch.library.register_fake("quantserve::int8_linear")
+    def _int8(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("quantserve::int4_linear")
+    def _int4(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+        return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def isa() -> str:
+    """The instruction set the loaded kernels run on this CPU."""
+    return ISA_NAMES[int(torch.ops.quantserve.isa_level())]
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """bf16 x [M, K] @ (int8 weight [N, K] * scale [N]).T on CPU, bf16 [M, N]."""
+    if available():
+        return torch.ops.quantserve.int8_linear(x, weight, scale)
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+
+
+def own_int4(packed: Tensor) -> bool:
+    """Whether quantserve's int4 kernel can read this CPU-packed weight here."""
+    return packed.shape[0] % INT4_BLOCK == 0 and available() and isa() == "avx512-bf16"
+
+
+def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    """bf16 x [M, K] @ dequant(CPU-packed int4 weight).T, bf16 [M, N]."""
+    if own_int4(packed):
+        return torch.ops.quantserve.int4_linear(x, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)

@@ -1,0 +1,117 @@
+"""quantserve's own CPU kernels (quantizers/kernels): real low-bit matmuls
+against float, row results independent of the batch, and the fallback to
+torch's kernels when the library cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from quantizers import kernels
+from quantizers.primitives import (
+    dequantize_per_channel,
+    dequantize_per_group,
+    quantize_per_channel_symmetric,
+    quantize_per_group_asymmetric,
+)
+from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
+needs_int4 = pytest.mark.skipif(
+    not kernels.available() or kernels.isa() != "avx512-bf16", reason="CPU without AVX512-BF16"
+)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def weight(n: int, k: int) -> torch.Tensor:
+    torch.manual_seed(n + 3 * k)
+    w = torch.randn(n, k)
+    w[:, :3] *= 8  # outlier columns, so a wrong scale shows
+    return w
+
+
+@needs_kernels
+@pytest.mark.parametrize(("k", "n"), [(576, 960), (100, 37), (1536, 64), (24, 5)])
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+def test_int8_kernel_matches_dequantised_float(k: int, n: int, rows: int) -> None:
+    q, scale = quantize_per_channel_symmetric(weight(n, k))
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    out = torch.ops.quantserve.int8_linear(x, q, scale.to(torch.bfloat16))
+    assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+    exact = x.float() @ dequantize_per_channel(q, scale.to(torch.bfloat16).float()).t()
+    # float32 sums, one bf16 rounding of the output: well under 1%
+    assert relative_error(out, exact) < 0.005
+
+
+@needs_kernels
+def test_int8_kernel_rows_do_not_depend_on_the_batch() -> None:
+    q, scale = quantize_per_channel_symmetric(weight(200, 576))
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(9, 576).to(torch.bfloat16)
+    together = torch.ops.quantserve.int8_linear(x, q, scale)
+    for i in range(9):
+        alone = torch.ops.quantserve.int8_linear(x[i : i + 1].contiguous(), q, scale)
+        assert torch.equal(alone[0], together[i])
+
+
+@needs_int4
+@pytest.mark.parametrize(("k", "n", "group_size"), [(512, 960, 128), (576, 192, 64), (64, 64, 32)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int4_kernel_matches_dequantised_float(k: int, n: int, group_size: int, rows: int) -> None:
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight(n, k))
+    module = Int4WeightOnlyLinear.from_float(linear, group_size)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    args = (module.packed, group_size, module.scales_and_zeros)
+    out = torch.ops.quantserve.int4_linear(x, *args)
+    q, scale, zero = quantize_per_group_asymmetric(linear.weight, 4, group_size, integer_zero=False)
+    exact = x.float() @ dequantize_per_group(q, scale, zero, group_size).t()
+    # bf16 scales and offsets as the kernel stores them, bf16 output: ~0.5%
+    assert relative_error(out, exact) < 0.01
+    stock = torch.ops.aten._weight_int4pack_mm_for_cpu(x, *args)
+    assert relative_error(out, stock) < 0.01
+    alone = torch.ops.quantserve.int4_linear(x[-1:].contiguous(), *args)
+    assert torch.equal(alone[0], out[-1])
+
+
+@needs_kernels
+def test_runtime_modules_run_the_own_kernels_at_decode_sizes() -> None:
+    linear = nn.Linear(576, 192)
+    x = torch.randn(4, 576).to(torch.bfloat16)
+    int8 = Int8WeightOnlyLinear.from_float(linear)
+    own = torch.ops.quantserve.int8_linear(x, int8.weight, int8.scale) + int8.bias
+    assert torch.equal(int8(x), own)
+    int4 = Int4WeightOnlyLinear.from_float(linear, 64)
+    expected = kernels.int4_linear(x, int4.packed, 64, int4.scales_and_zeros) + int4.bias
+    assert torch.equal(int4(x), expected)
+
+
+def test_no_compiler_falls_back_to_torchs_kernels(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("Error building extension 'quantserve_lowbit': g++ not found")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="quantizers.kernels"):
+        assert kernels._load() is False
+    assert "g++ not found" in caplog.text and "stock kernels" in caplog.text
+    monkeypatch.setenv("QUANTSERVE_KERNELS", "off")
+    monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built although disabled"))
+    assert kernels._load() is False
+
+
+def test_unavailable_kernels_compute_with_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    q, scale = quantize_per_channel_symmetric(weight(64, 128))
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    stock = torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    assert torch.equal(kernels.int8_linear(x, q, scale), stock)
