@@ -133,6 +133,10 @@ class LlamaRunner:
             cos, sin = body.rotary_emb(probe, positions)
         self.cos = cos[0].to(self.dtype)
         self.sin = sin[0].to(self.dtype)
+        # rotate_half(x) * sin == x.roll(half) * sin with the first half of sin
+        # negated: the same products (negation is exact), two ops fewer per layer.
+        half = self.head_dim // 2
+        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
 
@@ -284,9 +288,11 @@ class LlamaRunner:
             k, v = k_cache[keys], v_cache[keys]
         else:
             k, v = k_cache.index_select(0, keys), v_cache.index_select(0, keys)
+        # 4-D, as at prefill: torch's fused CPU attention kernel takes 4-D
+        # inputs only; 3-D ones ran the unfused path (~10 ops, ~2x the time).
         return F.scaled_dot_product_attention(
-            q, k.transpose(0, 1), v.transpose(0, 1), scale=self.scaling
-        )
+            q[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=self.scaling
+        )[0]
 
     def _decode_step(
         self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -296,14 +302,15 @@ class LlamaRunner:
         batch = token_ids.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * head_dim
+        half = head_dim // 2
         cos = self.cos[positions][:, None]
-        sin = self.sin[positions][:, None]
+        sin = self.signed_sin[positions][:, None]
         x = self.embed(token_ids)
         for index in range(len(self.layers)):
             qkv = self.qkv[index].joint(self.input_norms[index](x))
             # q and k side by side take the rotary embedding in one pass.
             qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(half, -1) * sin
             k_cache, v_cache = k_caches[index], v_caches[index]
             k_cache.index_copy_(0, write, qk[:, heads:])
             v_cache.index_copy_(0, write, qkv[:, qk_width:].view(batch, kv_heads, head_dim))
