@@ -37,9 +37,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM base AS builder
+# g++ and ninja build quantserve's CPU kernels (quantizers/kernels) below; the
+# runtime stage loads the built library and needs neither.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get install -y --no-install-recommends python3-venv g++ ninja-build \
     && rm -rf /var/lib/apt/lists/*
 ARG TORCH_VERSION=2.13.0
 # Empty: cu128 for the CUDA variant, cpu for the CPU one.
@@ -66,6 +68,11 @@ RUN mkdir -p server quantizers \
 COPY server ./server
 COPY quantizers ./quantizers
 RUN pip install --no-deps .
+# Built for a generic CPU of the architecture (the fast paths are picked at run
+# time), so the image runs on any host; a failed build leaves torch's kernels.
+ENV QUANTSERVE_KERNEL_DIR=/opt/venv/quantserve-kernels
+# hadolint ignore=DL3059
+RUN python3 -c "from quantizers import kernels; print('CPU kernels built:', kernels.available())"
 
 FROM base AS runtime
 ARG VARIANT
@@ -81,6 +88,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     QUANTSERVE_HOST=0.0.0.0 \
     QUANTSERVE_PORT=8000 \
     QUANTSERVE_CACHE_DIR=/var/cache/quantserve/artifacts \
+    QUANTSERVE_KERNEL_DIR=/opt/venv/quantserve-kernels \
     QUANTSERVE_DATA_DIR=/data \
     QUANTSERVE_DRAIN_TIMEOUT_S=30 \
     HF_HOME=/home/quantserve/.cache/huggingface

@@ -5,22 +5,29 @@ processes hits them alike (report ratios, not absolute figures):
 
 * `decode`: batch-1 prefill and decode tokens/s. quantserve's engine (fp32,
   bf16, int8, int4 g128) against transformers' `generate` (fp32, bf16) and
-  llama-cpp-python on the embedded GGUF (Q4_1) and a Q8_0 requantised from it.
+  llama.cpp's C++ `llama-server` on the embedded GGUF (Q4_1) and a Q8_0
+  requantised from it (same prompt token ids, timings from its own response).
+  Each row's achieved weight bandwidth (weight bytes read per token x decode
+  tokens/s) is printed against the machine's measured read bandwidth.
 * `hf-batching`: transformers' own continuous batching (`generate_batch`)
   against the engine on 8 concurrent prompts, the measurement behind writing
   our own scheduler.
 * `served`: N concurrent official `openai` clients streaming completions from
-  `quantserve serve` and from `python -m llama_cpp.server` on the same GGUF:
-  total generated tokens/s, TTFT and end-to-end latency percentiles.
+  `quantserve serve --quantize int8|int4` and from llama.cpp's C++
+  `llama-server -np 16 -cb` on the matching GGUF (Q8_0 / Q4_1): total generated
+  tokens/s, TTFT and end-to-end latency percentiles. `--llama-cpp-python` adds
+  `python -m llama_cpp.server` (one request at a time) as a second row.
 
-    .venv/bin/pip install -e '.[bench]'     # llama-cpp-python: ~10 min build
-    .venv/bin/python bench/serve_bench.py --part all --threads 2
+    bash scripts/build_llama_cpp.sh          # llama.cpp's tools: ~15 min, once
+    .venv/bin/python bench/serve_bench.py --part all --threads 2 \
+        --llama-bin ~/.cache/quantserve/llama.cpp/build/bin
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import copy
 import json
 import os
@@ -44,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantizers.datasets import data_file  # noqa: E402
-from quantizers.evaluation.machine import describe_machine  # noqa: E402
+from quantizers.evaluation.machine import describe_machine, memory_bandwidth  # noqa: E402
 from quantizers.loading import LoadedModel, load_model  # noqa: E402
 from server.engine import Engine, Finish, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -91,38 +98,53 @@ def generate_speed(model: torch.nn.Module, ids: list[int], tokens: int) -> Speed
     return Speed(len(ids) / prefill, (tokens - 1) / max(total - prefill, 1e-9))
 
 
-def llama_speed(llm: Any, ids: list[int], tokens: int, eos: int) -> Speed:
-    """llama.cpp on the same token ids; EOS banned so it decodes `tokens` tokens."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.create_completion(ids, max_tokens=1, temperature=0.0)
-    prefill = time.perf_counter() - start
-    llm.reset()
-    start = time.perf_counter()
-    out = llm.create_completion(
-        ids, max_tokens=tokens, temperature=0.0, logit_bias={eos: -1e9}
-    )
-    total = time.perf_counter() - start
-    produced = out["usage"]["completion_tokens"]
-    return Speed(len(ids) / prefill, (produced - 1) / max(total - prefill, 1e-9))
+def llama_speed(url: str, ids: list[int], tokens: int) -> Speed:
+    """One greedy completion from `llama-server` on the same token ids, EOS
+    ignored; prefill and decode speeds from the timings in its response."""
+    body = json.dumps({"prompt": ids, "n_predict": tokens, "temperature": 0.0,
+                       "ignore_eos": True, "cache_prompt": False}).encode()
+    request = urllib.request.Request(f"{url}/completion", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        timings = json.load(response)["timings"]
+    return Speed(timings["prompt_per_second"], timings["predicted_per_second"])
 
 
-def requantize_q8(gguf: Path, workdir: Path) -> Path:
-    """A Q8_0 GGUF requantised from the Q4_1 one (cached between runs)."""
-    import llama_cpp
+def gguf_for(quant: str, llama_bin: Path) -> Path:
+    """The embedded Q4_1 GGUF, or a Q8_0 requantised from it with `llama-quantize`
+    (cached between runs)."""
+    from quantizers.loading import embedded_model_path
 
-    target = workdir / (gguf.stem.replace("Q4_1", "Q8_0") + ".gguf")
-    if target.is_file():
-        return target
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(
-        str(gguf).encode(), str(target).encode(), params
-    )
-    if status != 0:
-        raise RuntimeError(f"llama_model_quantize failed with {status}")
+    gguf = embedded_model_path()
+    if quant == "Q4_1":
+        return gguf
+    workdir = Path(tempfile.gettempdir()) / "quantserve-bench"
+    workdir.mkdir(exist_ok=True)
+    target = workdir / (gguf.stem.replace("Q4_1", quant) + ".gguf")
+    if not target.is_file():
+        subprocess.run([str(llama_bin / "llama-quantize"), "--allow-requantize", str(gguf),
+                        str(target), quant], check=True, capture_output=True)
     return target
+
+
+def start_llama_server(
+    llama_bin: Path, gguf: Path, port: int, threads: int, slots: int
+) -> subprocess.Popen[bytes]:
+    """llama.cpp's own server: `slots` parallel sequences, continuous batching."""
+    return subprocess.Popen(
+        [str(llama_bin / "llama-server"), "-m", str(gguf), "--port", str(port),
+         "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-cb",
+         "-c", str(1024 * slots), "--alias", "smollm2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step streams: every decoder layer's tensors and the head
+    (the embedding reads one row per token)."""
+    modules = [*model.model.layers, model.lm_head]
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def variant_model(base: LoadedModel, name: str) -> LoadedModel:
@@ -172,24 +194,27 @@ def build_contender(
     measure: Callable[[], Speed]
     info: dict = {}
     if kind == "llama.cpp":
-        from llama_cpp import Llama
-
-        workdir = Path(tempfile.gettempdir()) / "quantserve-bench"
-        workdir.mkdir(exist_ok=True)
-        path = base.source if name == "Q4_1" else requantize_q8(base.source, workdir)
-        eos = int(base.tokenizer.eos_token_id)
-        llm = Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads,
-                    n_threads_batch=args.threads, verbose=False)
-        measure = partial(llama_speed, llm, ids, args.tokens, eos)
+        gguf = gguf_for(name, args.llama_bin)
+        port = free_port()
+        server = start_llama_server(args.llama_bin, gguf, port, args.threads, 1)
+        atexit.register(server.terminate)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/health", server, 300)
+        llama_speed(url, ids, 8)  # first request's one-off costs stay out of the table
+        info = {"weight_bytes": gguf.stat().st_size}
+        measure = partial(llama_speed, url, ids, args.tokens)
     elif kind == "generate":
         model = variant_model(base, name).model
+        info = {"weight_bytes": decode_weight_bytes(model)}
         measure = partial(generate_speed, model, ids, args.tokens)
     else:
-        engine = Engine(variant_model(base, name), max_num_seqs=1, max_model_len=1024,
+        loaded = variant_model(base, name)
+        info = {"weight_bytes": decode_weight_bytes(loaded.model)}
+        engine = Engine(loaded, max_num_seqs=1, max_model_len=1024,
                         num_threads=args.threads, compile=args.compile)
         engine.start()  # compilation and warm-up happen here, outside the timed runs
         extra = engine.stats().extra
-        info = {k: extra[k] for k in ("warmup_seconds", "compile_seconds", "decode_compiled")}
+        info |= {k: extra[k] for k in ("warmup_seconds", "compile_seconds", "decode_compiled")}
         measure = partial(engine_speed, engine, ids, args.tokens)
 
     def run() -> tuple[float, float]:
@@ -253,9 +278,11 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
     labels += [f"quantserve {n}" for n in args.variants.split(",")]
     if args.llama:
         labels += ["llama.cpp Q4_1", "llama.cpp Q8_0"]
+    bandwidth = memory_bandwidth(args.threads)
     raw, infos = alternate(build_contender, labels, args)
     results = {label: [Speed(*row) for row in rows] for label, rows in raw.items()}
-    warmups = {label.split(" ", 1)[1]: info for label, info in infos.items() if info}
+    warmups = {label.split(" ", 1)[1]: info for label, info in infos.items()
+               if "warmup_seconds" in info}
     table = {
         name: {
             "prefill_tps": statistics.median(s.prefill_tps for s in speeds),
@@ -270,21 +297,29 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
               f"{'compiled' if info['decode_compiled'] else 'eager'})")
     print(f"\nbatch-1, prompt {args.prompt_tokens} tokens, {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.reps} (alternating)")
-    print(f"{'contender':<22}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    print(f"measured read bandwidth at {args.threads} threads: {bandwidth:.1f} GB/s "
+          "(weight GB/s = weight bytes read per token x decode tok/s)")
+    print(f"{'contender':<22}{'prefill tok/s':>15}{'decode tok/s':>15}{'weight MB':>11}"
+          f"{'weight GB/s':>13}{'of measured':>13}")
     for name, row in table.items():
-        print(f"{name:<22}{row['prefill_tps']:>15.1f}{row['decode_tps']:>15.1f}")
+        weight = infos[name]["weight_bytes"]
+        row["weight_bytes"] = weight
+        row["weight_gbps"] = weight * row["decode_tps"] / 1e9
+        print(f"{name:<22}{row['prefill_tps']:>15.1f}{row['decode_tps']:>15.1f}"
+              f"{weight / 1e6:>11.1f}{row['weight_gbps']:>13.2f}"
+              f"{row['weight_gbps'] / bandwidth:>12.0%}")
     ratios = decode_ratios(table)
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}")
-    return {"table": table, "ratios": ratios, "warmup": warmups}
+    return {"table": table, "ratios": ratios, "warmup": warmups, "memory_gbps": bandwidth}
 
 
 def decode_ratios(table: dict[str, dict[str, float]]) -> dict[str, float]:
     pairs = {
-        "bf16 decode vs generate bf16 (target >= 2)": ("quantserve bf16", "generate bf16"),
+        "bf16 decode vs generate bf16 (target >= 3)": ("quantserve bf16", "generate bf16"),
         "fp32 decode vs generate fp32": ("quantserve fp32", "generate fp32"),
-        "int8 decode vs llama.cpp Q8_0 (target >= 0.5)": ("quantserve int8", "llama.cpp Q8_0"),
-        "int4 decode vs llama.cpp Q4_1 (target >= 0.5)": ("quantserve int4", "llama.cpp Q4_1"),
+        "int8 decode vs llama.cpp Q8_0 (target >= 1)": ("quantserve int8", "llama.cpp Q8_0"),
+        "int4 decode vs llama.cpp Q4_1 (target >= 1)": ("quantserve int4", "llama.cpp Q4_1"),
     }
     ratios = {
         name: table[a]["decode_tps"] / table[b]["decode_tps"]
@@ -455,70 +490,92 @@ def served_load(base_url: str, model: str, clients: int, rounds: int, tokens: in
     )
 
 
-def served_part(args: argparse.Namespace) -> dict[str, Any]:
-    from quantizers.loading import embedded_model_path
+GGUF_OF = {"int8": "Q8_0", "int4": "Q4_1"}
 
-    gguf = embedded_model_path()
-    ours_port, llama_port = free_port(), free_port()
+
+def served_pair(args: argparse.Namespace, variant: str) -> dict[str, dict[int, Served]]:
+    """quantserve quantised to `variant` against llama-server on the matching
+    GGUF (and llama-cpp-python's server when asked), clients levels alternating."""
+    gguf = gguf_for(GGUF_OF[variant], args.llama_bin)
+    slots = max(args.concurrency_levels)
+    ours_port, llama_port, python_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
-        "QUANTSERVE_MAX_BATCH": str(max(args.concurrency_levels)),
+        "QUANTSERVE_MAX_BATCH": str(slots),
         "QUANTSERVE_NUM_THREADS": str(args.threads),  # the same cores as llama.cpp's
     }
-    ours = subprocess.Popen(
-        [str(REPO / ".venv/bin/quantserve"), "serve", "--port", str(ours_port),
-         *args.serve_args.split()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    llama = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
-         str(llama_port), "--n_threads", str(args.threads), "--n_threads_batch",
-         str(args.threads), "--n_ctx", "4096", "--model_alias", "smollm2",
-         # Its default cuts a running stream short when a new request arrives;
-         # queueing is its one-at-a-time behaviour the comparison is about.
-         "--interrupt_requests", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    processes = {
+        "quantserve": subprocess.Popen(
+            [str(REPO / ".venv/bin/quantserve"), "serve", "--port", str(ours_port),
+             "--quantize", variant, *args.serve_args.split()],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        "llama-server": start_llama_server(args.llama_bin, gguf, llama_port, args.threads, slots),
+    }
+    targets = {
+        "quantserve": (f"http://127.0.0.1:{ours_port}", "/ready", "smollm2-135m-instruct"),
+        "llama-server": (f"http://127.0.0.1:{llama_port}", "/health", "smollm2"),
+    }
+    if args.llama_cpp_python:
+        processes["llama_cpp.server"] = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+             str(python_port), "--n_threads", str(args.threads), "--n_threads_batch",
+             str(args.threads), "--n_ctx", "4096", "--model_alias", "smollm2",
+             # Its default cuts a running stream short when a new request arrives;
+             # queueing is its one-at-a-time behaviour.
+             "--interrupt_requests", "False"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        targets["llama_cpp.server"] = (f"http://127.0.0.1:{python_port}", "/v1/models",
+                                       "smollm2")
     try:
-        wait_ready(f"http://127.0.0.1:{ours_port}/ready", ours, 900)
-        wait_ready(f"http://127.0.0.1:{llama_port}/v1/models", llama, 300)
-        targets = {
-            "quantserve": (f"http://127.0.0.1:{ours_port}/v1", "smollm2-135m-instruct"),
-            "llama.cpp server": (f"http://127.0.0.1:{llama_port}/v1", "smollm2"),
-        }
-        for url, model in targets.values():
-            served_load(url, model, 1, 1, 8)  # first request's one-off costs stay out of the table
+        for name, (url, ready, _) in targets.items():
+            wait_ready(url + ready, processes[name], 900)
+        for url, _, model in targets.values():
+            served_load(f"{url}/v1", model, 1, 1, 8)  # one-off first-request costs
         table: dict[str, dict[int, Served]] = {name: {} for name in targets}
         for clients in args.concurrency_levels:
-            for name, (url, model) in targets.items():
-                table[name][clients] = served_load(url, model, clients, args.rounds,
+            for name, (url, _, model) in targets.items():
+                table[name][clients] = served_load(f"{url}/v1", model, clients, args.rounds,
                                                    args.served_tokens)
     finally:
-        for process in (ours, llama):
+        for process in processes.values():
             process.terminate()
             process.wait(30)
-    print(f"\nserved: {args.served_tokens} tokens per request, {args.rounds} requests per "
-          f"client, quantserve `serve {args.serve_args}`, both servers {args.threads} threads")
-    print(f"{'server':<18}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
-          f"{'e2e p50':>9}{'e2e p95':>9}{'errors':>8}{'short':>7}")
-    for name, rows in table.items():
-        for clients, r in rows.items():
-            print(f"{name:<18}{clients:>8}{r.tokens_per_s:>9.1f}{r.ttft_p50:>10.2f}"
-                  f"{r.ttft_p95:>10.2f}{r.e2e_p50:>9.2f}{r.e2e_p95:>9.2f}{r.errors:>8}"
-                  f"{r.short:>7}")
-    ratios = {
-        f"{clients} clients tok/s vs llama.cpp server (target >= 3 at 8)": (
-            table["quantserve"][clients].tokens_per_s
-            / table["llama.cpp server"][clients].tokens_per_s
-        )
-        for clients in args.concurrency_levels
-    }
-    for name, value in ratios.items():
-        print(f"ratio {name}: {value:.2f}")
-    return {
-        "table": {n: {c: vars(r) for c, r in rows.items()} for n, rows in table.items()},
-        "ratios": ratios,
-    }
+    return table
+
+
+def served_part(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for variant in args.served_variants.split(","):
+        table = served_pair(args, variant)
+        print(f"\nserved {variant} vs {GGUF_OF[variant]}: {args.served_tokens} tokens per "
+              f"request, {args.rounds} requests per client, quantserve `serve --quantize "
+              f"{variant} {args.serve_args}`, llama-server `-np "
+              f"{max(args.concurrency_levels)} -cb`, every server {args.threads} threads")
+        print(f"{'server':<18}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
+              f"{'e2e p50':>9}{'e2e p95':>9}{'errors':>8}{'short':>7}")
+        for name, rows in table.items():
+            for clients, r in rows.items():
+                print(f"{name:<18}{clients:>8}{r.tokens_per_s:>9.1f}{r.ttft_p50:>10.2f}"
+                      f"{r.ttft_p95:>10.2f}{r.e2e_p50:>9.2f}{r.e2e_p95:>9.2f}{r.errors:>8}"
+                      f"{r.short:>7}")
+        ours, theirs = table["quantserve"], table["llama-server"]
+        ratios = {}
+        for clients in args.concurrency_levels:
+            ratios[f"{variant} {clients} clients tok/s vs llama-server (target >= 1)"] = (
+                ours[clients].tokens_per_s / theirs[clients].tokens_per_s
+            )
+            ratios[f"{variant} {clients} clients p95 TTFT vs llama-server (target <= 1.5)"] = (
+                ours[clients].ttft_p95 / max(theirs[clients].ttft_p95, 1e-9)
+            )
+        for name, value in ratios.items():
+            print(f"ratio {name}: {value:.2f}")
+        results[variant] = {
+            "table": {n: {c: vars(r) for c, r in rows.items()} for n, rows in table.items()},
+            "ratios": ratios,
+        }
+    return results
 
 
 def main() -> None:
@@ -536,11 +593,19 @@ def main() -> None:
                              "`--compile ...` to --serve-args)")
     parser.add_argument("--no-llama", dest="llama", action="store_false",
                         help="skip llama.cpp in the decode part")
-    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--concurrency", default="1,8,16")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--served-tokens", type=int, default=64)
-    parser.add_argument("--serve-args", default="--quantize int4",
+    parser.add_argument("--served-variants", default="int8,int4",
+                        help="quantserve methods served, each against its matching GGUF")
+    parser.add_argument("--serve-args", default="",
                         help="extra arguments of `quantserve serve`")
+    parser.add_argument("--llama-bin", type=Path,
+                        default=Path.home() / ".cache/quantserve/llama.cpp/build/bin",
+                        help="folder of llama.cpp's llama-server and llama-quantize "
+                             "(bash scripts/build_llama_cpp.sh prints it)")
+    parser.add_argument("--llama-cpp-python", action="store_true",
+                        help="served: add `python -m llama_cpp.server` as a second row")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     print(f"Machine: {describe_machine(args.threads or None)}", flush=True)

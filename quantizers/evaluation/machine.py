@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -42,3 +43,22 @@ def describe_machine(threads: int | None = None) -> str:
     used = threads if threads is not None else torch.get_num_threads()
     return (f"{model} ({platform.machine()}), {cores} cores, flags: {flags}; "
             f"{used} torch thread{'' if used == 1 else 's'}, torch {torch.__version__}")
+
+
+def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """Measured read bandwidth in GB/s with `threads` torch threads: the best of
+    `repeats` sums over a float32 buffer far larger than the caches (the
+    ceiling a decode step that streams its weights once per token can reach)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(megabytes * 2**20 // 4)
+        buffer.sum()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            buffer.sum()
+            best = min(best, time.perf_counter() - start)
+        return buffer.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)

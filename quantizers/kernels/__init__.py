@@ -5,7 +5,8 @@ a cache folder (`QUANTSERVE_KERNEL_DIR`, default `~/.cache/quantserve/kernels`,
 keyed by the source, torch version and Python), then loaded from there in later
 processes. The build targets a generic CPU; the AVX-512 / AVX2 / scalar paths
 are chosen at run time by CPU feature, so one build serves every CPU of an
-architecture (the Docker image builds it once, at image build time).
+architecture (the Docker image builds it once, at image build time, into
+`QUANTSERVE_KERNEL_DIR`, and its runtime stage loads it without a compiler).
 
 When no compiler is present, the build fails, or `QUANTSERVE_KERNELS=off`,
 `available()` is False after one logged warning and the runtime modules keep
@@ -25,6 +26,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lowbit.cpp")
+NAME = "quantserve_lowbit"
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512-bf16")
 # Output channels per block of torch's CPU int4 packing, which the kernel reads.
 INT4_BLOCK = 64
@@ -52,13 +56,19 @@ def cache_dir() -> Path:
 
 
 def _build() -> None:
-    """Compile (or reuse) and load the library, registering `torch.ops.quantserve`."""
+    """Load the library, compiling it first when the cache has none; registers
+    `torch.ops.quantserve`. A built library loads without a compiler or ninja
+    (the Docker runtime image has neither)."""
     from torch.utils import cpp_extension
 
     folder = cache_dir()
+    library = folder / f"{NAME}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        return
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name="quantserve_lowbit",
+        name=NAME,
         sources=[str(SOURCE)],
         build_directory=str(folder),
         extra_cflags=["-O3"],
@@ -103,6 +113,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quantserve::int4_linear")
     def _int4(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
         return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+@contextmanager
+def stock() -> Iterator[None]:
+    """Run torch's stock kernels inside the block (benchmarks compare the two)."""
+    was = available()
+    _state["ok"] = False
+    try:
+        yield
+    finally:
+        _state["ok"] = was
 
 
 def isa() -> str:

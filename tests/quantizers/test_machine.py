@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantizers.evaluation import machine
 
@@ -21,3 +22,11 @@ def test_the_line_names_model_flags_cores_and_threads(
     assert line.startswith("Test CPU 9000 (")
     assert "flags: avx2 avx512f amx_int8;" in line and "sse4_2" not in line
     assert "3 torch threads" in line
+
+
+def test_memory_bandwidth_is_a_plausible_figure_and_restores_threads() -> None:
+    threads = torch.get_num_threads()
+    measured = machine.memory_bandwidth(1, megabytes=16, repeats=2)
+    # a 16 MiB sum in well under a second and faster than any disk: 0.05-10000 GB/s
+    assert 0.05 < measured < 10_000
+    assert torch.get_num_threads() == threads
