@@ -141,10 +141,3 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
 def own_int4(packed: Tensor) -> bool:
     """Whether quantserve's int4 kernel can read this CPU-packed weight here."""
     return packed.shape[0] % INT4_BLOCK == 0 and available() and isa() == "avx512-bf16"
-
-
-def int4_linear(x: Tensor, packed: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
-    """bf16 x [M, K] @ dequant(CPU-packed int4 weight).T, bf16 [M, N]."""
-    if own_int4(packed):
-        return torch.ops.quantserve.int4_linear(x, packed, group_size, scales_and_zeros)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)

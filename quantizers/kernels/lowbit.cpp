@@ -203,8 +203,9 @@ constexpr int64_t kBlock4 = 64;
 // group's offset term. The unpack interleaves k and k + 1 per channel, which
 // leaves the 64 channels of a block in lane order kLaneChannel.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-void int4_avx512bf16(const bf16* x, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-                     int64_t gs, const bf16* sz, bf16* out, int64_t N, int64_t b0, int64_t b1) {
+void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, int64_t K,
+                     const uint8_t* w, int64_t gs, const bf16* sz, bf16* out, int64_t N,
+                     int64_t b0, int64_t b1) {
   const int64_t groups = K / gs;
   const __m512i nibble = _mm512_set1_epi16(15);
   const __m512i bias_bits = _mm512_set1_epi16(0x4300);
@@ -240,7 +241,7 @@ void int4_avx512bf16(const bf16* x, const float* xsum, int64_t M, int64_t K, con
                                                       bias_bits, 0xEA);
           for (int i = 0; i < mt; ++i) {
             uint32_t pair;
-            std::memcpy(&pair, x + (m0 + i) * K + k, sizeof(pair));
+            std::memcpy(&pair, x + (m0 + i) * lda + k, sizeof(pair));
             const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
             for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv[c], xv);
           }
@@ -280,9 +281,11 @@ void int4_avx512bf16(const bf16* x, const float* xsum, int64_t M, int64_t K, con
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
                        const at::Tensor& scales_and_zeros) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x bf16 [M, K] contiguous");
-  const int64_t M = x.size(0), K = x.size(1);
+  // Rows may be strided (a column slice of a wider input), columns not.
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 &&
+                  (x.stride(1) == 1 || x.size(1) <= 1) && x.stride(0) >= x.size(1),
+              "x bf16 [M, K] with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), lda = x.stride(0);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.dim() == 2 && packed.size(1) * 2 == K,
               "packed uint8 [N, K / 2] in the CPU int4 layout");
@@ -303,7 +306,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t gr
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.f;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k)
-        s += static_cast<float>(xb[m * K + k]);
+        s += static_cast<float>(xb[m * lda + k]);
       xsum[m * groups + g] = s;
     }
   const float* xs = xsum.data();
@@ -312,7 +315,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t gr
   bf16* op = out.data_ptr<bf16>();
 #ifdef QS_X86
   at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
-    int4_avx512bf16(xb, xs, M, K, wp, group_size, sp, op, N, b0, b1);
+    int4_avx512bf16(xb, lda, xs, M, K, wp, group_size, sp, op, N, b0, b1);
   });
 #endif
   return out;

@@ -256,17 +256,25 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         if self.padded_in != self.in_features:
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
         # Decode-sized inputs on CPU run quantserve's kernel where it reads this
-        # packing; prefill-sized ones stay on torch's (faster with many rows).
-        matmul = int4_matmul
-        if x2.device.type == "cpu" and x2.shape[0] < OWN_KERNEL_MAX_ROWS:
-            matmul = kernels.int4_linear
+        # packing (column slices as they are); prefill-sized ones stay on
+        # torch's, faster with many rows and wanting contiguous inputs.
+        own = (
+            x2.device.type == "cpu"
+            and x2.shape[0] < OWN_KERNEL_MAX_ROWS
+            and kernels.own_int4(self.packed if self.packed is not None else self.tail_packed)
+        )
+        matmul = torch.ops.quantserve.int4_linear if own else int4_matmul
+
+        def part(columns: Tensor) -> Tensor:
+            return columns if own else columns.contiguous()
+
         out = None
         if self.packed is not None:
-            head = x2 if self.tail_packed is None else x2[:, : self.main_in].contiguous()
+            head = x2 if self.tail_packed is None else part(x2[:, : self.main_in])
             out = matmul(head, self.packed, self.group_size, self.scales_and_zeros)
         if self.tail_packed is not None:
             tail = matmul(
-                x2[:, self.main_in :].contiguous(),
+                part(x2[:, self.main_in :]),
                 self.tail_packed,
                 self.tail_in,
                 self.tail_scales_and_zeros,

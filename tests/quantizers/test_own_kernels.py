@@ -88,9 +88,15 @@ def test_runtime_modules_run_the_own_kernels_at_decode_sizes() -> None:
     int8 = Int8WeightOnlyLinear.from_float(linear)
     own = torch.ops.quantserve.int8_linear(x, int8.weight, int8.scale) + int8.bias
     assert torch.equal(int8(x), own)
-    int4 = Int4WeightOnlyLinear.from_float(linear, 64)
-    expected = kernels.int4_linear(x, int4.packed, 64, int4.scales_and_zeros) + int4.bias
-    assert torch.equal(int4(x), expected)
+    # 576 = 4 x 128 + 64: whole groups and a tail, read as column slices of x
+    int4 = Int4WeightOnlyLinear.from_float(linear, 128)
+    if kernels.own_int4(int4.packed):
+        matmul = torch.ops.quantserve.int4_linear
+    else:
+        matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
+    head = matmul(x[:, :512].contiguous(), int4.packed, 128, int4.scales_and_zeros)
+    tail = matmul(x[:, 512:].contiguous(), int4.tail_packed, 64, int4.tail_scales_and_zeros)
+    assert torch.equal(int4(x), head + tail + int4.bias)
 
 
 def test_no_compiler_falls_back_to_torchs_kernels(
