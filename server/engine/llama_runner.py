@@ -27,7 +27,6 @@ runner calls the model's own modules (so quantised drop-in replacements of
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +61,6 @@ def _rms_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _chunked(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """`fn` over `x` in slices of `chunk` rows, concatenated."""
-    if x.shape[0] <= chunk:
-        return fn(x)
-    return torch.cat([fn(part) for part in x.split(chunk)])
 
 
 class LlamaRunner:
@@ -178,30 +168,43 @@ class LlamaRunner:
 
         The work runs in chunks of `chunk` tokens (default: all at once)
         aligned to multiples of `chunk` from the first token, and `start` must
-        be such a multiple. Matmul kernels pick their blocking by row count,
-        and attention's reductions run over the key span it is given, so
-        aligned chunks, each attending over keys `0..chunk end` under a causal
-        mask, are what make a prefill that starts after a cached prefix
-        compute the very numbers a prefill from scratch computes.
+        be such a multiple. Each chunk runs through every layer before the
+        next, attending over the earlier chunks' keys in the pool, so a step's
+        activations are a chunk's, not the whole prompt's. Matmul kernels pick
+        their blocking by row count, and attention's reductions run over the
+        key span it is given, so aligned chunks are what make a prefill that
+        starts after a cached prefix compute the very numbers a prefill from
+        scratch computes.
 
         Returns float32 logits `[T - start, vocab]` when `all_logits` (prompt
         logprobs) else `[1, vocab]` for the last position only, sparing the
         vocab projection of every other prompt token.
         """
         total = len(token_ids)
-        length = total - start
         chunk = chunk or total
         if start % chunk or not 0 <= start < total:
             raise ValueError(f"prefill start {start} is not a chunk boundary below {total}")
+        parts = [
+            self._prefill_span(cache, block_ids, token_ids[: lo + chunk], lo, all_logits)
+            for lo in range(start, total, chunk)
+        ]
+        return torch.cat(parts) if all_logits else parts[-1]
+
+    def _prefill_span(
+        self, cache: KVCache, block_ids: list[int], token_ids: list[int], start: int,
+        all_logits: bool,
+    ) -> torch.Tensor:
+        """`token_ids[start:]` through every layer, over the pool's keys of
+        `token_ids[:start]`."""
+        total = len(token_ids)
+        length = total - start
         ids = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
         rows = cache.slot_rows(block_ids, total)
-        spans = [(lo, min(lo + chunk, total)) for lo in range(start, total, chunk)]
-        # Query lo + i sees keys 0..lo + i.
-        masks = [
-            self.key_positions[:hi][None]
-            <= torch.arange(lo, hi, device=self.device)[:, None]
-            for lo, hi in spans
-        ]
+        # Query start + i sees keys 0..start + i.
+        mask = (
+            self.key_positions[:total][None]
+            <= torch.arange(start, total, device=self.device)[:, None]
+        )
         x = self.embed(ids)
         cos = self.cos[start:total][None, None]
         sin = self.sin[start:total][None, None]
@@ -209,9 +212,7 @@ class LlamaRunner:
         kv_width = self.num_kv_heads * self.head_dim
         for index in range(len(self.layers)):
             k_cache, v_cache = cache.k[index], cache.v[index]
-            q, k, v = _chunked(partial(self._qkv_rows, index), x, chunk).split(
-                (q_width, kv_width, kv_width), dim=-1
-            )
+            q, k, v = self._qkv_rows(index, x).split((q_width, kv_width, kv_width), dim=-1)
             q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.reshape(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -224,18 +225,12 @@ class LlamaRunner:
             prefix = rows[:start]
             k = torch.cat([k_cache.index_select(0, prefix).transpose(0, 1)[None], k], dim=2)
             v = torch.cat([v_cache.index_select(0, prefix).transpose(0, 1)[None], v], dim=2)
-            out = torch.cat([
-                F.scaled_dot_product_attention(
-                    q[:, :, lo - start : hi - start], k[:, :, :hi], v[:, :, :hi], attn_mask=mask,
-                    scale=self.scaling, enable_gqa=self.group > 1,
-                )
-                for (lo, hi), mask in zip(spans, masks, strict=True)
-            ], dim=2).transpose(1, 2).reshape(length, -1)
-            x = x + _chunked(self.o_proj[index].joint, out, chunk)
-            x = x + _chunked(partial(self._post_attention_rows, index), x, chunk)
-        if all_logits:
-            return _chunked(self._logits, x, chunk)
-        return self._logits(x[-1:])
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.group > 1,
+            ).transpose(1, 2).reshape(length, -1)
+            x = x + self.o_proj[index].joint(out)
+            x = x + self._post_attention_rows(index, x)
+        return self._logits(x if all_logits else x[-1:])
 
     @torch.inference_mode()
     def decode(

@@ -134,20 +134,15 @@ class Worker:
         assert pool is not None
         tokens = sequence.prefill_tokens()
         sequence.model.lora.state.select([sequence.adapter_uid], single=True)
-        chunk = pool.chunk_tokens
-        # One runner call per chunk, each attending over the earlier chunks' KV
-        # in the pool (what a prefill after a cached prefix does, with the same
-        # numbers): the step's activations are a chunk's, not the whole prompt's.
-        parts = [
-            sequence.model.runner.prefill(
-                pool.cache, sequence.block_ids, tokens[: start + chunk], start=start,
-                chunk=chunk, all_logits=all_logits,
-            )
-            for start in range(allocation.cached_tokens, len(tokens), chunk)
-        ]
+        # The runner prefills chunk by chunk, so a step's activations are a
+        # chunk's, not the whole prompt's.
+        logits = sequence.model.runner.prefill(
+            pool.cache, sequence.block_ids, tokens, start=allocation.cached_tokens,
+            chunk=pool.chunk_tokens, all_logits=all_logits,
+        )
         pool.blocks.publish(allocation)
         sequence.cache_len = len(tokens)
-        return torch.cat(parts) if all_logits else parts[-1]
+        return logits
 
     def decode(self, batch: list[Running]) -> torch.Tensor:
         """One token for every sequence of `batch` (one model); float32 logits `[B, vocab]`."""
