@@ -48,6 +48,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the error statuses it answers, each documented
+    with the OpenAI error body and its description."""
+    return {
+        status: {"model": ErrorResponse, "description": description}
+        for status, description in descriptions.items()
+    }
+
+
 class APIError(Exception):
     """Raise anywhere in a route to answer with an OpenAI error body."""
 

@@ -8,7 +8,6 @@ served under its name when the job succeeds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -19,21 +18,18 @@ from server.adapter_jobs import AdapterJob, AdapterJobs, AdapterJobState
 from server.auth import require_admin
 from server.engine.adapters import DuplicateAdapter
 from server.engine.lora import AdapterMismatch
-from server.errors import APIError, ErrorResponse
+from server.errors import APIError, error_responses
 from server.schemas.adapters import AdapterJobList, AdapterJobStatus, TrainAdapterRequest
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "The body is not valid JSON, or the adapter cannot be served under that name",
-        401: "No admin token sent",
-        403: "Wrong admin token",
-        404: "Unknown job, or the admin API is disabled (no admin token configured)",
-        409: "A job is already training an adapter of that name",
-        422: "Invalid request; `param` names the field",
-        503: "The model is still loading",
-    }.items()
-}
+_ERRORS = error_responses({
+    400: "The body is not valid JSON, or the adapter cannot be served under that name",
+    401: "No admin token sent",
+    403: "Wrong admin token",
+    404: "Unknown job, or the admin API is disabled (no admin token configured)",
+    409: "A job is already training an adapter of that name",
+    422: "Invalid request; `param` names the field",
+    503: "The model is still loading",
+})
 
 router = APIRouter(
     prefix="/admin/adapters",

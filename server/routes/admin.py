@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from quantizers import MethodUnavailableError, QuantizationError
 from quantizers.loading import LoadedModel
 from server.auth import require_admin
-from server.errors import APIError, ErrorResponse
+from server.errors import APIError, ErrorResponse, error_responses
 from server.exporting import ExportFailed, export_download
 from server.quantization_jobs import JobAlreadyFinished, JobManager, NotServing
 from server.schemas.admin import (
@@ -33,17 +33,14 @@ from server.schemas.admin import (
     ServedVariant,
 )
 
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "The body is not valid JSON (or not UTF-8)",
-        401: "No admin token sent",
-        403: "Wrong admin token",
-        404: "Unknown id, or the admin API is disabled (no admin token configured)",
-        422: "Invalid request; `param` names the field",
-        503: "The model is still loading",
-    }.items()
-}
+_ERRORS = error_responses({
+    400: "The body is not valid JSON (or not UTF-8)",
+    401: "No admin token sent",
+    403: "Wrong admin token",
+    404: "Unknown id, or the admin API is disabled (no admin token configured)",
+    422: "Invalid request; `param` names the field",
+    503: "The model is still loading",
+})
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=_ERRORS)

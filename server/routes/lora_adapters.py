@@ -16,7 +16,7 @@ from quantizers.lora import AdapterFormatError, read_adapter
 from server.engine import Engine
 from server.engine.adapters import DuplicateAdapter, UnknownAdapter
 from server.engine.lora import AdapterMismatch
-from server.errors import APIError, ErrorResponse
+from server.errors import APIError, error_responses
 from server.routes.responding import ERROR_RESPONSES
 from server.schemas.openai import (
     LoadLoraAdapterRequest,
@@ -28,12 +28,10 @@ router = APIRouter(
     tags=["lora"],
     responses={
         **ERROR_RESPONSES,
-        403: {"model": ErrorResponse, "description": "Wrong admin token"},
-        404: {
-            "model": ErrorResponse,
-            "description": "No such adapter, or the admin API is "
-            "disabled (no admin token configured)",
-        },
+        **error_responses({
+            403: "Wrong admin token",
+            404: "No such adapter, or the admin API is disabled (no admin token configured)",
+        }),
     },
 )
 

@@ -14,24 +14,21 @@ from pydantic import BaseModel
 
 from server.choices import ChoiceStream, until_disconnected
 from server.engine.types import Finish, TokenDelta
-from server.errors import APIError, ErrorDetail, ErrorResponse
+from server.errors import APIError, ErrorDetail, ErrorResponse, error_responses
 from server.metrics import record_disconnect, record_generation
 from server.observability import annotate_request
 from server.schemas.openai import Usage
 
 T = TypeVar("T")
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request",
-        401: "Missing or invalid API key",
-        404: "Unknown model",
-        413: "Request body too large",
-        429: "Server at capacity; retry after the Retry-After header",
-        503: "Server shutting down or not ready",
-    }.items()
-}
+ERROR_RESPONSES = error_responses({
+    400: "Invalid request",
+    401: "Missing or invalid API key",
+    404: "Unknown model",
+    413: "Request body too large",
+    429: "Server at capacity; retry after the Retry-After header",
+    503: "Server shutting down or not ready",
+})
 
 # The generation routes answer `stream: true` with server-sent events: document
 # that media type next to the JSON body, so schema-driven clients accept it.
