@@ -1,6 +1,8 @@
-"""quantserve's own CPU kernels for weight-only int8 and int4 matmuls at few rows.
+"""quantserve's own CPU kernels: low-bit matmuls at few rows, and a native decode step.
 
-`lowbit.cpp` is compiled with torch's C++ extension tooling on first use into
+`lowbit.cpp` (weight-only int8, int4 and bf16 matmuls) and `decoder.cpp` (a
+Llama-family decode step as one call, `torch.classes.quantserve.LlamaDecoder`)
+are compiled with torch's C++ extension tooling on first use into
 a cache folder (`QUANTSERVE_KERNEL_DIR`, default `~/.cache/quantserve/kernels`,
 keyed by the source, torch version and Python), then loaded from there in later
 processes. The build targets a generic CPU; the AVX-512 / AVX2 / scalar paths
@@ -35,7 +37,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lowbit.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "lowbit.cpp", HERE / "decoder.cpp")
+HEADERS = (HERE / "lowbit.h",)
 NAME = "quantserve_lowbit"
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512-bf16")
 # Output channels per block of torch's CPU int4 packing, which the kernel reads.
@@ -50,7 +54,10 @@ def cache_dir() -> Path:
     root = os.environ.get("QUANTSERVE_KERNEL_DIR") or (
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantserve" / "kernels"
     )
-    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    key = digest.hexdigest()[:12]
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
     return Path(root) / tag.replace("+", "_")
 
@@ -74,9 +81,12 @@ def _build() -> None:
         os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     cpp_extension.load(
         name=NAME,
-        sources=[str(SOURCE)],
+        sources=[str(path) for path in SOURCES],
         build_directory=str(folder),
-        extra_cflags=["-O3"],
+        # at::parallel_for is inlined into this library: without OpenMP it runs
+        # on one thread. libgomp resolves to the copy torch has loaded already.
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )

@@ -7,10 +7,11 @@
 // depend on its batch). Compiled for a generic x86-64/ARM target: the AVX-512
 // and AVX2 paths carry their own target attributes and are chosen at run time
 // from the CPU's features, so one build serves every CPU.
+#include "lowbit.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,11 +22,8 @@
 #define QS_X86 1
 #endif
 
+namespace qs {
 namespace {
-
-using bf16 = c10::BFloat16;
-
-enum class Isa { scalar, avx2, avx512, avx512bf16 };
 
 Isa detect_isa() {
 #ifdef QS_X86
@@ -48,14 +46,14 @@ const Isa kIsa = detect_isa();
 constexpr int kRows8 = 4;  // output channels per register block
 
 void int8_scalar(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-                 bf16* out, int64_t N, int64_t n0, int64_t n1) {
+                 bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K;
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) acc += xm[k] * static_cast<float>(row[k]);
-      out[m * N + n] = bf16(acc * static_cast<float>(scale[n]));
+      out[m * ldo + n] = bf16(acc * static_cast<float>(scale[n]));
     }
   }
 }
@@ -63,7 +61,7 @@ void int8_scalar(const float* x, int64_t M, int64_t K, const int8_t* w, const bf
 #ifdef QS_X86
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 void int8_avx512(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-                 bf16* out, int64_t N, int64_t n0, int64_t n1) {
+                 bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
   const int64_t tail = K % 16;
   const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
   for (int64_t n = n0; n < n1; n += kRows8) {
@@ -104,7 +102,7 @@ void int8_avx512(const float* x, int64_t M, int64_t K, const int8_t* w, const bf
       }
       for (int i = 0; i < mt; ++i)
         for (int r = 0; r < rows; ++r)
-          out[(m0 + i) * N + n + r] =
+          out[(m0 + i) * ldo + n + r] =
               bf16(_mm512_reduce_add_ps(acc[i][r]) * static_cast<float>(scale[n + r]));
     }
   }
@@ -120,7 +118,7 @@ float hsum256(__m256 v) {
 
 __attribute__((target("avx2,fma")))
 void int8_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-               bf16* out, int64_t N, int64_t n0, int64_t n1) {
+               bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += kRows8) {
     const int rows = static_cast<int>(n1 - n < kRows8 ? n1 - n : kRows8);
     const int8_t* wr[kRows8];
@@ -146,47 +144,12 @@ void int8_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16
           float s = hsum256(acc[i][r]);
           for (int64_t kk = k; kk < K; ++kk)
             s += x[(m0 + i) * K + kk] * static_cast<float>(wr[r][kk]);
-          out[(m0 + i) * N + n + r] = bf16(s * static_cast<float>(scale[n + r]));
+          out[(m0 + i) * ldo + n + r] = bf16(s * static_cast<float>(scale[n + r]));
         }
     }
   }
 }
 #endif
-
-std::vector<float> to_float(const at::Tensor& x) {
-  const int64_t count = x.numel();
-  std::vector<float> xf(count);
-  const bf16* src = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < count; ++i) xf[i] = static_cast<float>(src[i]);
-  return xf;
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kChar &&
-                  scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0),
-              "bf16 x, int8 w, bf16 scale [N]");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scale.is_contiguous(), "contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  const std::vector<float> xf = to_float(x);
-  const float* xp = xf.data();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const bf16* sp = scale.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  auto kernel = int8_scalar;
-#ifdef QS_X86
-  if (kIsa >= Isa::avx512) kernel = int8_avx512;
-  else if (kIsa == Isa::avx2) kernel = int8_avx2;
-#endif
-  // Blocks of whole register blocks; ~16 KiB of weights per task at K = 576.
-  const int64_t blocks = (N + kRows8 - 1) / kRows8;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    kernel(xp, M, K, wp, sp, op, N, b0 * kRows8, std::min(N, b1 * kRows8));
-  });
-  return out;
-}
 
 // ---------------------------------------------------------------- int4
 // torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): blocks of
@@ -204,8 +167,8 @@ constexpr int64_t kBlock4 = 64;
 // leaves the 64 channels of a block in lane order kLaneChannel.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, int64_t K,
-                     const uint8_t* w, int64_t gs, const bf16* sz, bf16* out, int64_t N,
-                     int64_t b0, int64_t b1) {
+                     const uint8_t* w, int64_t gs, const bf16* sz, bf16* out, int64_t ldo,
+                     int64_t N, int64_t b0, int64_t b1) {
   const int64_t groups = K / gs;
   const __m512i nibble = _mm512_set1_epi16(15);
   const __m512i bias_bits = _mm512_set1_epi16(0x4300);
@@ -271,13 +234,217 @@ void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, i
         for (int c = 0; c < 4; ++c) {
           alignas(64) float buf[16];
           _mm512_store_ps(buf, total[i][c]);
-          bf16* dst = out + (m0 + i) * N + nb + c * 16;
+          bf16* dst = out + (m0 + i) * ldo + nb + c * 16;
           for (int l = 0; l < 16; ++l) dst[l] = bf16(buf[l]);
         }
     }
   }
 }
 #endif
+
+// ---------------------------------------------------------------- bf16
+// W bf16 [N, K] row-major: what a float model's projections are. With
+// AVX512-BF16, `vdpbf16ps` multiplies 32 k's per instruction in float32;
+// elsewhere bf16 widens to float32 by a shift.
+constexpr int kRows16 = 4;  // output channels per register block
+
+// The bias joins the float32 sum before its one rounding, as in F.linear.
+inline float bias_at(const bf16* bias, int64_t n) {
+  return bias == nullptr ? 0.f : static_cast<float>(bias[n]);
+}
+
+void bf16_scalar(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
+                 bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<float>(x[m * K + k]) * static_cast<float>(w[n * K + k]);
+      out[m * ldo + n] = bf16(acc + bias_at(bias, n));
+    }
+}
+
+#ifdef QS_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+void bf16_avx512bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
+                     bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t tail = K % 32;
+  const __mmask32 tail_mask = static_cast<__mmask32>((1ull << tail) - 1);
+  for (int64_t n = n0; n < n1; n += kRows16) {
+    const int rows = static_cast<int>(n1 - n < kRows16 ? n1 - n : kRows16);
+    const bf16* wr[kRows16];
+    for (int r = 0; r < kRows16; ++r) wr[r] = w + (n + (r < rows ? r : 0)) * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mt = static_cast<int>(M - m0 < 4 ? M - m0 : 4);
+      __m512 acc[4][kRows16];
+      for (int i = 0; i < 4; ++i)
+        for (int r = 0; r < kRows16; ++r) acc[i][r] = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        if (m0 == 0 && (k & 31) == 0) {
+          for (int r = 0; r < kRows16; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kRows16 * K), _MM_HINT_T0);
+        }
+        __m512bh wv[kRows16];
+        for (int r = 0; r < kRows16; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+        for (int i = 0; i < mt; ++i) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
+          for (int r = 0; r < kRows16; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+        }
+      }
+      if (tail) {
+        __m512bh wv[kRows16];
+        for (int r = 0; r < kRows16; ++r)
+          wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, wr[r] + k);
+        for (int i = 0; i < mt; ++i) {
+          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, x + (m0 + i) * K + k);
+          for (int r = 0; r < kRows16; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], wv[r], xv);
+        }
+      }
+      for (int i = 0; i < mt; ++i)
+        for (int r = 0; r < rows; ++r)
+          out[(m0 + i) * ldo + n + r] =
+              bf16(_mm512_reduce_add_ps(acc[i][r]) + bias_at(bias, n + r));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+__m512 widen16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+void bf16_avx512(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
+                 bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t body = K - K % 16;
+  for (int64_t n = n0; n < n1; n += kRows16) {
+    const int rows = static_cast<int>(n1 - n < kRows16 ? n1 - n : kRows16);
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 acc[kRows16];
+      for (int r = 0; r < kRows16; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < body; k += 16) {
+        const __m512 xv = widen16(x + m * K + k);
+        for (int r = 0; r < rows; ++r)
+          acc[r] = _mm512_fmadd_ps(xv, widen16(w + (n + r) * K + k), acc[r]);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float s = _mm512_reduce_add_ps(acc[r]);
+        for (int64_t k = body; k < K; ++k)
+          s += static_cast<float>(x[m * K + k]) * static_cast<float>(w[(n + r) * K + k]);
+        out[m * ldo + n + r] = bf16(s + bias_at(bias, n + r));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma")))
+__m256 widen8(const bf16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx2,fma")))
+void bf16_avx2(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
+               bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t body = K - K % 8;
+  for (int64_t n = n0; n < n1; n += kRows16) {
+    const int rows = static_cast<int>(n1 - n < kRows16 ? n1 - n : kRows16);
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 acc[kRows16];
+      for (int r = 0; r < kRows16; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < body; k += 8) {
+        const __m256 xv = widen8(x + m * K + k);
+        for (int r = 0; r < rows; ++r)
+          acc[r] = _mm256_fmadd_ps(xv, widen8(w + (n + r) * K + k), acc[r]);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float s = hsum256(acc[r]);
+        for (int64_t k = body; k < K; ++k)
+          s += static_cast<float>(x[m * K + k]) * static_cast<float>(w[(n + r) * K + k]);
+        out[m * ldo + n + r] = bf16(s + bias_at(bias, n + r));
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+Isa isa() { return kIsa; }
+
+void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
+                 bf16* out, int64_t ldo, int64_t N) {
+  auto kernel = int8_scalar;
+#ifdef QS_X86
+  if (kIsa >= Isa::avx512) kernel = int8_avx512;
+  else if (kIsa == Isa::avx2) kernel = int8_avx2;
+#endif
+  // Blocks of whole register blocks; ~16 KiB of weights per task at K = 576.
+  const int64_t blocks = (N + kRows8 - 1) / kRows8;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    kernel(x, M, K, w, scale, out, ldo, b0 * kRows8, std::min(N, b1 * kRows8));
+  });
+}
+
+void int4_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const uint8_t* w,
+                 int64_t gs, const bf16* scales_and_zeros, bf16* out, int64_t ldo, int64_t N) {
+  TORCH_CHECK(kIsa == Isa::avx512bf16, "quantserve's int4 kernel needs AVX512-BF16");
+  const int64_t groups = K / gs;
+  std::vector<float> xsum(M * groups, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += static_cast<float>(x[m * lda + k]);
+      xsum[m * groups + g] = s;
+    }
+  const float* xs = xsum.data();
+#ifdef QS_X86
+  at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
+    int4_avx512bf16(x, lda, xs, M, K, w, gs, scales_and_zeros, out, ldo, N, b0, b1);
+  });
+#endif
+}
+
+void bf16_matmul(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
+                 bf16* out, int64_t ldo, int64_t N) {
+  auto kernel = bf16_scalar;
+#ifdef QS_X86
+  if (kIsa == Isa::avx512bf16) kernel = bf16_avx512bf16;
+  else if (kIsa == Isa::avx512) kernel = bf16_avx512;
+  else if (kIsa == Isa::avx2) kernel = bf16_avx2;
+#endif
+  const int64_t blocks = (N + kRows16 - 1) / kRows16;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    kernel(x, M, K, w, bias, out, ldo, b0 * kRows16, std::min(N, b1 * kRows16));
+  });
+}
+
+namespace {
+
+std::vector<float> to_float(const at::Tensor& x) {
+  const int64_t count = x.numel();
+  std::vector<float> xf(count);
+  const bf16* src = x.data_ptr<bf16>();
+  for (int64_t i = 0; i < count; ++i) xf[i] = static_cast<float>(src[i]);
+  return xf;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kChar &&
+                  scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0),
+              "bf16 x, int8 w, bf16 scale [N]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scale.is_contiguous(), "contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const std::vector<float> xf = to_float(x);
+  int8_matmul(xf.data(), M, K, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(),
+              out.data_ptr<bf16>(), N, N);
+  return out;
+}
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
                        const at::Tensor& scales_and_zeros) {
@@ -291,47 +458,31 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t gr
               "packed uint8 [N, K / 2] in the CPU int4 layout");
   const int64_t N = packed.size(0);
   TORCH_CHECK(N % kBlock4 == 0, "N must be a multiple of 64");
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "K must be a multiple of group_size");
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0,
+              "K must be a multiple of group_size");
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 &&
                   scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.sizes() == at::IntArrayRef({K / group_size, N, 2}),
               "scales_and_zeros bf16 [K / g, N, 2]");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  TORCH_CHECK(kIsa == Isa::avx512bf16, "quantserve's int4 kernel needs AVX512-BF16");
-  const int64_t groups = K / group_size;
-  const bf16* xb = x.data_ptr<bf16>();
-  std::vector<float> xsum(M * groups, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k)
-        s += static_cast<float>(xb[m * lda + k]);
-      xsum[m * groups + g] = s;
-    }
-  const float* xs = xsum.data();
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const bf16* sp = scales_and_zeros.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-#ifdef QS_X86
-  at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
-    int4_avx512bf16(xb, lda, xs, M, K, wp, group_size, sp, op, N, b0, b1);
-  });
-#endif
+  int4_matmul(x.data_ptr<bf16>(), lda, M, K, packed.data_ptr<uint8_t>(), group_size,
+              scales_and_zeros.data_ptr<bf16>(), out.data_ptr<bf16>(), N, N);
   return out;
 }
 
 int64_t isa_level() { return static_cast<int64_t>(kIsa); }
 
 }  // namespace
+}  // namespace qs
 
 TORCH_LIBRARY(quantserve, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
-  m.def("isa_level() -> int", &isa_level);
+  m.def("isa_level() -> int", &qs::isa_level);
 }
 
 TORCH_LIBRARY_IMPL(quantserve, CPU, m) {
-  m.impl("int8_linear", int8_linear);
-  m.impl("int4_linear", int4_linear);
+  m.impl("int8_linear", qs::int8_linear);
+  m.impl("int4_linear", qs::int4_linear);
 }

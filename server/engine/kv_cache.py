@@ -112,11 +112,15 @@ class KVCache:
                 Int8Rows(c, s, spec.dtype) for c, s in zip(codes[1], scales[1], strict=True)
             ]
             parts = (codes, scales)
+            self.storage: torch.Tensor | None = None
         else:
             storage = torch.empty(shape, dtype=spec.dtype, device=spec.device)
             self.k = list(storage[0].unbind(0))
             self.v = list(storage[1].unbind(0))
             parts = (storage,)
+            # The whole pool as one tensor `[2, layers, slots, kv_heads, head_dim]`,
+            # for the native decode step.
+            self.storage = storage
         self.nbytes = sum(p.numel() * p.element_size() for p in parts)
 
     def slot_rows(self, block_ids: list[int], length: int) -> torch.Tensor:

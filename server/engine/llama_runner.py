@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine import native_decode
 from server.engine.kv_cache import KVCache, KVSpec
 from server.engine.projections import Projection
 
@@ -68,10 +69,14 @@ class LlamaRunner:
 
     def __init__(
         self, model: nn.Module, *, max_seq_len: int, prepare: bool = True, prepack: bool = True,
+        native: bool = True,
     ) -> None:
         """`prepare=False` runs the model's modules as they are: the reference
         the prepared (fused, prepacked) path is tested against. `prepack=False`
-        fuses without oneDNN packing, for a runner that will be compiled."""
+        fuses without oneDNN packing, for a runner that will be compiled.
+        `native` decodes with the native step (`native_decode.py`) where the
+        model allows it; that step reads plain bf16 weights, so it rules
+        oneDNN packing out."""
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -90,6 +95,13 @@ class LlamaRunner:
         self.device = next(body.embed_tokens.buffers(), body.embed_tokens.weight).device
         with torch.inference_mode():
             self.dtype = self.embed(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
+        self.native_unsupported = (
+            "not prepared" if not prepare
+            else "disabled" if not native
+            else "not bf16" if self.dtype != torch.bfloat16
+            else native_decode.unsupported(model)
+        )
+        prepack = prepack and self.native_unsupported is not None
 
         def projection(owner: nn.Module, *names: str, install: bool = True) -> Projection:
             sites = [(owner, name) for name in names]
@@ -129,6 +141,9 @@ class LlamaRunner:
         self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
+        self.native = (
+            native_decode.NativeDecoder(self) if self.native_unsupported is None else None
+        )
 
     @property
     def kv_spec(self) -> KVSpec:
@@ -244,6 +259,8 @@ class LlamaRunner:
         `block_tables[i]` the sequence's blocks, with room for it. Returns
         float32 logits `[B, vocab]`.
         """
+        if self.native is not None and self.native.serves(cache):
+            return self.native.step(cache, token_ids, positions, block_tables)
         size = cache.block_size
         keys: list[torch.Tensor | slice] = []
         slots: list[int] = []
@@ -267,6 +284,7 @@ class LlamaRunner:
         at warm-up. `eager_decode` undoes it.
         """
         self._step = torch.compile(self._decode_step, dynamic=True)
+        self.native = None
 
     def eager_decode(self) -> None:
         """Decode steps without `torch.compile` (the default)."""

@@ -108,6 +108,7 @@ class LoraState:
         self.single: int | None = None  # a prefill's slot (one sequence, every row)
         self.segments: list[_Segment] = []  # a decode step's rows, by adapter
         self.whole = False  # one segment holding every row, in order
+        self.rows: list[int] = []  # a decode step's slot per row (the native step reads it)
 
     def select(self, uids: Sequence[int | None], *, single: bool) -> None:
         """Pin the slots of the call's sequences (`single`: one sequence, all rows).
@@ -119,7 +120,7 @@ class LoraState:
         padded with a copy of itself, so every row's delta has the same bits
         alone and in any batch (tested).
         """
-        self.single, self.segments, self.whole = None, [], False
+        self.single, self.segments, self.whole, self.rows = None, [], False, []
         current = self.current
         if current is None:
             return
@@ -127,6 +128,7 @@ class LoraState:
         if single:
             self.single = slots[0] or None
             return
+        self.rows = slots
         by_slot: dict[int, list[int]] = {}
         for row, slot in enumerate(slots):
             if slot:

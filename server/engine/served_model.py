@@ -88,6 +88,7 @@ class ServedModel:
         if self.choice.path == "lean":
             self.runner = LlamaRunner(
                 loaded.model, max_seq_len=self.max_seq_len, prepack=not self.compile,
+                native=not self.compile,
             )
         else:
             self.runner = GeneralRunner(loaded.model)

@@ -1,6 +1,7 @@
-"""The prepared runner (fused q/k/v and gate/up, oneDNN-prepacked bf16 weights)
-computes exactly what the model's own modules compute, in float, bf16, int8
-and int4, at prefill and at batched decode."""
+"""The prepared eager runner (fused q/k/v and gate/up, oneDNN-prepacked bf16
+weights) computes exactly what the model's own modules compute, in float, bf16,
+int8 and int4, at prefill and at batched decode. (The native decode step is
+tested against this path in test_native_decode.py.)"""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def _steps(runner: LlamaRunner) -> list[torch.Tensor]:
 def test_prepared_runner_is_exact(dtype: str, method: str | None, config: dict | None) -> None:
     model = _model(dtype, method, config)
     reference = LlamaRunner(model, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_seq_len=64)
+    prepared = LlamaRunner(model, max_seq_len=64, native=False)
     assert all(p.prepared is not None for p in [*prepared.qkv, *prepared.gate_up])
     assert prepared.prepared_weight_bytes > 0
     assert reference.prepared_weight_bytes == 0
@@ -81,7 +82,7 @@ def test_int4_rows_that_do_not_concatenate_stay_unfused_and_exact() -> None:
     one-off exactness check must catch that and keep the modules separate."""
     model = _model("bfloat16", "int4", {"group_size": 32}, wide=False)
     reference = LlamaRunner(model, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_seq_len=64)
+    prepared = LlamaRunner(model, max_seq_len=64, native=False)
     assert all(p.prepared is None for p in prepared.qkv)
     assert all(p.prepared is not None for p in prepared.gate_up)
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
@@ -105,7 +106,7 @@ def test_biased_qkv_fuse_exactly(method: str | None) -> None:
         quantize(model, method)
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     reference = LlamaRunner(model, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_seq_len=64)
+    prepared = LlamaRunner(model, max_seq_len=64, native=False)
     assert all(p.prepared is not None for p in prepared.qkv)
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)
@@ -118,7 +119,7 @@ def test_bf16_projections_are_prepacked_and_a_tied_head_beside_the_embedding() -
     """A head tied to the embedding is packed but left in the model, since the
     embedding lookup still needs its plain weight: that copy is the extra."""
     model = _model("bfloat16", None, None)
-    runner = LlamaRunner(model, max_seq_len=16)
+    runner = LlamaRunner(model, max_seq_len=16, native=False)
     single = [*runner.o_proj, *runner.down, runner.lm_head]
     assert all(isinstance(p.prepared, PackedLinear) for p in [*runner.qkv, *single])
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -148,7 +149,7 @@ def test_bitsandbytes_modules_run_unfused_and_exact(method: str) -> None:
     outputs and was reshaped as 960 on SmolLM2)."""
     model = _model("bfloat16", method, None)
     reference = LlamaRunner(model, max_seq_len=64, prepare=False)
-    prepared = LlamaRunner(model, max_seq_len=64)
+    prepared = LlamaRunner(model, max_seq_len=64, native=False)
     assert all(p.prepared is None for p in [*prepared.qkv, *prepared.gate_up])
     for want, got in zip(_steps(reference), _steps(prepared), strict=True):
         assert torch.equal(want, got)

@@ -99,8 +99,8 @@ def test_second_runner_on_a_prepared_model_runs_the_installed_modules() -> None:
     """The installed parts are not fused again (they are not plain linears);
     the second runner calls them one by one and computes the same numbers."""
     model = _model("bfloat16", None, None)
-    first = LlamaRunner(model, max_seq_len=16)
-    second = LlamaRunner(model, max_seq_len=16)
+    first = LlamaRunner(model, max_seq_len=16, native=False)
+    second = LlamaRunner(model, max_seq_len=16, native=False)
     assert all(p.prepared is None for p in [*second.qkv, *second.gate_up])
     assert second.prepared_weight_bytes == first.prepared_weight_bytes  # each packs the tied head
     cache, tables = scratch_cache(first, 1, 3)

@@ -29,7 +29,7 @@ def test_smollm2_prepared_bf16_decode_is_exact(loaded: LoadedModel) -> None:
     prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     logits = []
     for prepare in (False, True):
-        runner = LlamaRunner(model, max_seq_len=128, prepare=prepare)
+        runner = LlamaRunner(model, max_seq_len=128, prepare=prepare, native=False)
         cache, tables = scratch_cache(runner, 1, len(prompt) + 8, block_size=16)
         steps = [runner.prefill(cache, tables[0], prompt)]
         for position in range(len(prompt), len(prompt) + 8):

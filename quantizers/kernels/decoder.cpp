@@ -1,0 +1,462 @@
+// One decode step of a Llama-family model as a single native call.
+//
+// At one row per sequence a step is ~30 small ops per layer around the
+// matmuls; dispatched one by one from Python they cost more than the weights
+// take to stream. `LlamaDecoder` holds the weights' tensors (no copies) and
+// runs every layer of a step here: norms, rotary, the paged KV write,
+// attention over each sequence's own keys, residuals and the head. Every
+// elementwise step rounds to bf16 where the eager path's bf16 ops round, so
+// the two agree closely (not bit for bit: matmul and attention sums run in
+// other orders). Each row's numbers do not depend on the rest of its batch.
+#include "lowbit.h"
+
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QS_X86 1
+#endif
+
+namespace qs {
+namespace {
+
+enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+
+inline bf16 round_bf16(float v) { return bf16(v); }
+inline float f(bf16 v) { return static_cast<float>(v); }
+
+// One projection: out columns [0, out_features) of what its kernel computes.
+struct Linear {
+  int64_t kind = kBf16;
+  int64_t in_features = 0, out_features = 0;
+  at::Tensor weight, scale;  // bf16 weight, or int8 codes and scales
+  // int4: whole groups (main) and a partial last group (tail), see int4.py.
+  at::Tensor packed, scales_and_zeros, tail_packed, tail_scales_and_zeros;
+  int64_t group_size = 0, main_in = 0, tail_in = 0, padded_out = 0;
+  at::Tensor bias;
+};
+
+// Several projections of one input whose outputs sit side by side, and the
+// LoRA factors stacked over adapter slots (slot 0: none): a row of adapter s
+// adds (x A[s]) B[s], A float32 [slots, K, R] and B [slots, R, width].
+struct Slot {
+  std::vector<Linear> parts;
+  int64_t width = 0;
+  at::Tensor lora_a, lora_b;
+};
+
+enum SlotId : int64_t { kQkv = 0, kO = 1, kGateUp = 2, kDown = 3, kSlots = 4 };
+
+struct Layer {
+  at::Tensor input_norm, post_norm;
+  Slot slots[kSlots];
+};
+
+// Scratch of one step; sized on first use, reused while the batch fits.
+struct Scratch {
+  std::vector<float> xf;
+  std::vector<bf16> padded, main, tail;
+};
+
+void rms_norm(const bf16* x, int64_t B, int64_t H, const bf16* weight, float eps, bf16* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const bf16* row = x + b * H;
+    float sq = 0.f;
+    for (int64_t i = 0; i < H; ++i) sq += f(row[i]) * f(row[i]);
+    const float inv = 1.f / std::sqrt(sq / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i)
+      out[b * H + i] = round_bf16(f(round_bf16(f(row[i]) * inv)) * f(weight[i]));
+  }
+}
+
+void run_linear(const Linear& lin, const bf16* x, int64_t B, bf16* out, int64_t ldo,
+                Scratch& s) {
+  const int64_t K = lin.in_features, N = lin.out_features;
+  if (lin.kind == kBf16) {
+    const bf16* bias = lin.bias.defined() ? lin.bias.data_ptr<bf16>() : nullptr;
+    bf16_matmul(x, B, K, lin.weight.data_ptr<bf16>(), bias, out, ldo, N);
+    return;
+  }
+  if (lin.kind == kInt8) {
+    s.xf.resize(B * K);
+    for (int64_t i = 0; i < B * K; ++i) s.xf[i] = f(x[i]);
+    int8_matmul(s.xf.data(), B, K, lin.weight.data_ptr<int8_t>(), lin.scale.data_ptr<bf16>(),
+                out, ldo, N);
+  } else {
+    // The int4 kernel reads whole kernel groups: a partial last group reads
+    // zeros past the layer's inputs, as the module pads them.
+    const int64_t width = lin.main_in + lin.tail_in;
+    const bf16* xp = x;
+    if (width != K) {
+      s.padded.assign(B * width, bf16(0.f));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k) s.padded[b * width + k] = x[b * K + k];
+      xp = s.padded.data();
+    }
+    const int64_t P = lin.padded_out;
+    s.main.resize(B * P);
+    s.tail.resize(B * P);
+    if (lin.main_in)
+      int4_matmul(xp, width, B, lin.main_in, lin.packed.data_ptr<uint8_t>(), lin.group_size,
+                  lin.scales_and_zeros.data_ptr<bf16>(), s.main.data(), P, P);
+    if (lin.tail_in)
+      int4_matmul(xp + lin.main_in, width, B, lin.tail_in, lin.tail_packed.data_ptr<uint8_t>(),
+                  lin.tail_in, lin.tail_scales_and_zeros.data_ptr<bf16>(),
+                  lin.main_in ? s.tail.data() : s.main.data(), P, P);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t n = 0; n < N; ++n) {
+        const bf16 m = s.main[b * P + n];
+        out[b * ldo + n] =
+            lin.main_in && lin.tail_in ? round_bf16(f(m) + f(s.tail[b * P + n])) : m;
+      }
+  }
+  // Low-bit modules add their bias to the rounded product (`_finish`).
+  if (lin.bias.defined()) {
+    const bf16* bias = lin.bias.data_ptr<bf16>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t n = 0; n < N; ++n)
+        out[b * ldo + n] = round_bf16(f(out[b * ldo + n]) + f(bias[n]));
+  }
+}
+
+// out[b] += bf16((x[b] A[s]) B[s]) for rows whose adapter slot s is not 0,
+// rounded as the eager path's float32 delta cast to bf16 and added.
+void add_lora(const Slot& slot, const bf16* x, int64_t B, const int64_t* row_slots, bf16* out) {
+  const int64_t K = slot.lora_a.size(1), R = slot.lora_a.size(2), N = slot.width;
+  const float* a = slot.lora_a.data_ptr<float>();
+  const float* bm = slot.lora_b.data_ptr<float>();
+  std::vector<float> low(R), delta(N);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = row_slots[b];
+    if (s == 0) continue;
+    TORCH_CHECK(s > 0 && s < slot.lora_a.size(0), "adapter slot out of range");
+    std::fill(low.begin(), low.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = f(x[b * K + k]);
+      const float* ar = a + (s * K + k) * R;
+      for (int64_t r = 0; r < R; ++r) low[r] += xk * ar[r];
+    }
+    std::fill(delta.begin(), delta.end(), 0.f);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* br = bm + (s * R + r) * N;
+      for (int64_t n = 0; n < N; ++n) delta[n] += low[r] * br[n];
+    }
+    for (int64_t n = 0; n < N; ++n)
+      out[b * N + n] = round_bf16(f(out[b * N + n]) + f(round_bf16(delta[n])));
+  }
+}
+
+void run_slot(const Slot& slot, const bf16* x, int64_t B, bf16* out, Scratch& s,
+              const int64_t* row_slots) {
+  int64_t column = 0;
+  for (const Linear& lin : slot.parts) {
+    run_linear(lin, x, B, out + column, slot.width, s);
+    column += lin.out_features;
+  }
+  if (slot.lora_a.defined() && row_slots != nullptr) add_lora(slot, x, B, row_slots, out);
+}
+
+// softmax(q k^T * scale) v for the `group` query heads sharing one KV head,
+// over keys at `slots`; rows of k and v are head_dim bf16 apart by kv_stride.
+void attend(const bf16* q, int64_t group, int64_t hd, const bf16* k, const bf16* v,
+            int64_t kv_stride, const std::vector<int64_t>& slots, float scale, bf16* out,
+            std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t n = static_cast<int64_t>(slots.size());
+  scores.resize(group * n);
+  acc.assign(group * hd, 0.f);
+  std::vector<float> qf(group * hd);
+  for (int64_t i = 0; i < group * hd; ++i) qf[i] = f(q[i]);
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* kr = k + slots[j] * kv_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      float dot = 0.f;
+      const float* qg = qf.data() + g * hd;
+      for (int64_t d = 0; d < hd; ++d) dot += qg[d] * f(kr[d]);
+      scores[g * n + j] = dot * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores.data() + g * n;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) top = sg[j] > top ? sg[j] : top;
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      sg[j] = std::exp(sg[j] - top);
+      sum += sg[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* vr = v + slots[j] * kv_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * n + j];
+      float* ag = acc.data() + g * hd;
+      for (int64_t d = 0; d < hd; ++d) ag[d] += p * f(vr[d]);
+    }
+  }
+  for (int64_t i = 0; i < group * hd; ++i) out[i] = round_bf16(acc[i]);
+}
+
+Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t,
+                   const std::vector<int64_t>& meta) {
+  // meta: in_features, out_features, has_bias, then for int4: group_size,
+  // main_in, tail_in, padded_out.
+  TORCH_CHECK(meta.size() >= 3, "linear meta: in_features, out_features, has_bias, ...");
+  Linear lin;
+  lin.kind = kind;
+  lin.in_features = meta[0];
+  lin.out_features = meta[1];
+  size_t next = 0;
+  auto take = [&](at::ScalarType dtype) {
+    TORCH_CHECK(next < t.size(), "too few tensors for this linear");
+    at::Tensor tensor = t[next++];
+    TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous() &&
+                    tensor.scalar_type() == dtype,
+                "linear tensors must be contiguous CPU tensors of the kernel's dtype");
+    return tensor;
+  };
+  if (kind == kBf16) {
+    lin.weight = take(at::kBFloat16);
+    TORCH_CHECK(lin.weight.sizes() == at::IntArrayRef({lin.out_features, lin.in_features}),
+                "bf16 weight [N, K]");
+  } else if (kind == kInt8) {
+    lin.weight = take(at::kChar);
+    lin.scale = take(at::kBFloat16);
+    TORCH_CHECK(lin.weight.sizes() == at::IntArrayRef({lin.out_features, lin.in_features}) &&
+                    lin.scale.numel() == lin.out_features,
+                "int8 weight [N, K], scale [N]");
+  } else if (kind == kInt4) {
+    TORCH_CHECK(isa() == Isa::avx512bf16, "the int4 kernel needs AVX512-BF16");
+    TORCH_CHECK(meta.size() == 7, "int4 meta: ..., group_size, main_in, tail_in, padded_out");
+    lin.group_size = meta[3];
+    lin.main_in = meta[4];
+    lin.tail_in = meta[5];
+    lin.padded_out = meta[6];
+    TORCH_CHECK(lin.padded_out % 64 == 0 && lin.padded_out >= lin.out_features &&
+                    lin.main_in + lin.tail_in >= lin.in_features,
+                "int4 padding");
+    if (lin.main_in) {
+      lin.packed = take(at::kByte);
+      lin.scales_and_zeros = take(at::kBFloat16);
+      TORCH_CHECK(lin.packed.sizes() == at::IntArrayRef({lin.padded_out, lin.main_in / 2}) &&
+                      lin.scales_and_zeros.sizes() ==
+                          at::IntArrayRef({lin.main_in / lin.group_size, lin.padded_out, 2}),
+                  "int4 main part");
+    }
+    if (lin.tail_in) {
+      lin.tail_packed = take(at::kByte);
+      lin.tail_scales_and_zeros = take(at::kBFloat16);
+      TORCH_CHECK(lin.tail_packed.sizes() == at::IntArrayRef({lin.padded_out, lin.tail_in / 2}) &&
+                      lin.tail_scales_and_zeros.sizes() ==
+                          at::IntArrayRef({1, lin.padded_out, 2}),
+                  "int4 tail part");
+    }
+  } else {
+    TORCH_CHECK(false, "unknown linear kind ", kind);
+  }
+  if (meta[2]) {
+    lin.bias = take(at::kBFloat16);
+    TORCH_CHECK(lin.bias.numel() == lin.out_features, "bias [N]");
+  }
+  TORCH_CHECK(next == t.size(), "too many tensors for this linear");
+  return lin;
+}
+
+}  // namespace
+
+class LlamaDecoder : public torch::CustomClassHolder {
+ public:
+  LlamaDecoder(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scaling,
+               at::Tensor cos, at::Tensor signed_sin, at::Tensor final_norm)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
+        eps_(static_cast<float>(eps)), scaling_(static_cast<float>(scaling)),
+        cos_(cos.contiguous()), sin_(signed_sin.contiguous()), final_norm_(final_norm) {
+    TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads, kv_heads, head_dim");
+    TORCH_CHECK(cos_.scalar_type() == at::kBFloat16 && sin_.sizes() == cos_.sizes() &&
+                    cos_.size(1) == head_dim,
+                "bf16 rotary tables [positions, head_dim]");
+    hidden_ = final_norm.numel();
+  }
+
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm) {
+    TORCH_CHECK(input_norm.numel() == hidden_ && post_norm.numel() == hidden_, "norm width");
+    Layer layer;
+    layer.input_norm = input_norm.contiguous();
+    layer.post_norm = post_norm.contiguous();
+    layers_.push_back(std::move(layer));
+  }
+
+  // Appends a projection to a slot of a layer (layer -1: the head).
+  void add_linear(int64_t layer, int64_t slot, int64_t kind, std::vector<at::Tensor> tensors,
+                  std::vector<int64_t> meta) {
+    Slot* target = &slot_at(layer, slot);
+    Linear lin = make_linear(kind, tensors, meta);
+    target->width += lin.out_features;
+    target->parts.push_back(std::move(lin));
+  }
+
+  // The LoRA stacks of a slot (layer -1: the head), read in place.
+  void set_lora(int64_t layer, int64_t slot, at::Tensor a, at::Tensor b) {
+    Slot& target = slot_at(layer, slot);
+    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                    a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3 &&
+                    a.size(0) == b.size(0) && a.size(2) == b.size(1) && b.size(2) == target.width,
+                "LoRA stacks: float32 A [slots, K, R], B [slots, R, width]");
+    target.lora_a = a;
+    target.lora_b = b;
+  }
+
+  void clear_lora() {
+    for (Layer& layer : layers_)
+      for (Slot& slot : layer.slots) slot.lora_a = slot.lora_b = at::Tensor();
+    head_.lora_a = head_.lora_b = at::Tensor();
+  }
+
+  // x: the embedded tokens bf16 [B, hidden]; positions [B]; block_tables
+  // [B, max_blocks] (each sequence's blocks, room for its new token); kv the
+  // pool's storage [2, layers, slots, kv_heads, head_dim]; row_slots [B] each
+  // row's adapter slot (empty: none). Returns float32 logits [B, vocab] and
+  // leaves each token's keys and values in the pool.
+  at::Tensor step(at::Tensor x, at::Tensor positions, at::Tensor block_tables, at::Tensor kv,
+                  int64_t block_size, at::Tensor row_slots) {
+    const int64_t B = x.size(0), H = hidden_, L = static_cast<int64_t>(layers_.size());
+    const int64_t hd = head_dim_, group = heads_ / kv_heads_;
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == H, "x");
+    TORCH_CHECK(kv.scalar_type() == at::kBFloat16 && kv.is_contiguous() && kv.dim() == 5 &&
+                    kv.size(0) == 2 && kv.size(1) == L && kv.size(3) == kv_heads_ &&
+                    kv.size(4) == hd,
+                "kv storage [2, layers, slots, kv_heads, head_dim] bf16");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B &&
+                    block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
+                    block_tables.size(0) == B,
+                "positions [B], block_tables [B, blocks] int64");
+    TORCH_CHECK(head_.width > 0, "no head");
+    at::Tensor adapters = row_slots.contiguous();
+    TORCH_CHECK(adapters.numel() == 0 ||
+                    (adapters.scalar_type() == at::kLong && adapters.numel() == B),
+                "row_slots [B] int64 or empty");
+    const int64_t* rs = adapters.numel() ? adapters.data_ptr<int64_t>() : nullptr;
+    const int64_t slots_per_layer = kv.size(2);
+    const int64_t* pos = positions.contiguous().data_ptr<int64_t>();
+    at::Tensor tables = block_tables.contiguous();
+    const int64_t* tab = tables.data_ptr<int64_t>();
+    const int64_t max_blocks = tables.size(1);
+    // Each sequence's key slots, its new token's last.
+    std::vector<std::vector<int64_t>> keys(B);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0) && pos[b] / block_size < max_blocks,
+                  "position past the rotary table or the block table");
+      keys[b].resize(pos[b] + 1);
+      for (int64_t j = 0; j <= pos[b]; ++j) {
+        const int64_t slot = tab[b * max_blocks + j / block_size] * block_size + j % block_size;
+        TORCH_CHECK(slot >= 0 && slot < slots_per_layer, "block table outside the pool");
+        keys[b][j] = slot;
+      }
+    }
+    const int64_t qk_width = (heads_ + kv_heads_) * hd;
+    const int64_t kv_width = kv_heads_ * hd;
+    std::vector<bf16> h(B * H), hidden(B * H), out(B * H);
+    const bf16* xin = x.contiguous().data_ptr<bf16>();
+    std::copy(xin, xin + B * H, hidden.begin());
+    Scratch scratch;
+    std::vector<bf16> qkv, attn(B * heads_ * hd), mlp, act, row(qk_width);
+    bf16* kv_base = kv.data_ptr<bf16>();
+    const bf16* cos = cos_.data_ptr<bf16>();
+    const bf16* sin = sin_.data_ptr<bf16>();
+    const int64_t half = hd / 2;
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& layer = layers_[l];
+      const Slot& qkv_slot = layer.slots[kQkv];
+      TORCH_CHECK(qkv_slot.width == qk_width + kv_width, "q/k/v width");
+      rms_norm(hidden.data(), B, H, layer.input_norm.data_ptr<bf16>(), eps_, h.data());
+      qkv.resize(B * qkv_slot.width);
+      run_slot(qkv_slot, h.data(), B, qkv.data(), scratch, rs);
+      bf16* k_layer = kv_base + (0 * L + l) * slots_per_layer * kv_width;
+      bf16* v_layer = kv_base + (1 * L + l) * slots_per_layer * kv_width;
+      for (int64_t b = 0; b < B; ++b) {
+        bf16* qk = qkv.data() + b * qkv_slot.width;
+        const bf16* c = cos + pos[b] * hd;
+        const bf16* s = sin + pos[b] * hd;
+        std::copy(qk, qk + qk_width, row.begin());
+        for (int64_t head = 0; head < heads_ + kv_heads_; ++head)
+          for (int64_t d = 0; d < hd; ++d) {
+            const int64_t i = head * hd + d;
+            const float a = f(round_bf16(f(row[i]) * f(c[d])));
+            const float r = f(round_bf16(f(row[head * hd + (d + half) % hd]) * f(s[d])));
+            qk[i] = round_bf16(a + r);
+          }
+        const int64_t slot = keys[b].back();
+        std::copy(qk + heads_ * hd, qk + qk_width, k_layer + slot * kv_width);
+        std::copy(qk + qk_width, qk + qk_width + kv_width, v_layer + slot * kv_width);
+      }
+      at::parallel_for(0, B * kv_heads_, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> scores, acc;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / kv_heads_, kh = t % kv_heads_;
+          attend(qkv.data() + b * qkv_slot.width + kh * group * hd, group, hd,
+                 k_layer + kh * hd, v_layer + kh * hd, kv_width, keys[b], scaling_,
+                 attn.data() + (b * heads_ + kh * group) * hd, scores, acc);
+        }
+      });
+      run_slot(layer.slots[kO], attn.data(), B, out.data(), scratch, rs);
+      for (int64_t i = 0; i < B * H; ++i) hidden[i] = round_bf16(f(hidden[i]) + f(out[i]));
+      rms_norm(hidden.data(), B, H, layer.post_norm.data_ptr<bf16>(), eps_, h.data());
+      const Slot& gate_up = layer.slots[kGateUp];
+      const int64_t inter = gate_up.width / 2;
+      mlp.resize(B * gate_up.width);
+      act.resize(B * inter);
+      run_slot(gate_up, h.data(), B, mlp.data(), scratch, rs);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = f(mlp[b * gate_up.width + i]);
+          const float silu = f(round_bf16(g / (1.f + std::exp(-g))));
+          act[b * inter + i] = round_bf16(silu * f(mlp[b * gate_up.width + inter + i]));
+        }
+      run_slot(layer.slots[kDown], act.data(), B, out.data(), scratch, rs);
+      for (int64_t i = 0; i < B * H; ++i) hidden[i] = round_bf16(f(hidden[i]) + f(out[i]));
+    }
+    rms_norm(hidden.data(), B, H, final_norm_.data_ptr<bf16>(), eps_, h.data());
+    std::vector<bf16> logits(B * head_.width);
+    run_slot(head_, h.data(), B, logits.data(), scratch, rs);
+    at::Tensor result = at::empty({B, head_.width}, x.options().dtype(at::kFloat));
+    float* dst = result.data_ptr<float>();
+    for (int64_t i = 0; i < B * head_.width; ++i) dst[i] = f(logits[i]);
+    return result;
+  }
+
+ private:
+  Slot& slot_at(int64_t layer, int64_t slot) {
+    if (layer < 0) return head_;
+    TORCH_CHECK(layer < static_cast<int64_t>(layers_.size()) && slot >= 0 && slot < kSlots,
+                "no such layer or slot");
+    return layers_[layer].slots[slot];
+  }
+
+  int64_t heads_, kv_heads_, head_dim_, hidden_;
+  float eps_, scaling_;
+  at::Tensor cos_, sin_, final_norm_;
+  std::vector<Layer> layers_;
+  Slot head_;
+};
+
+}  // namespace qs
+
+TORCH_LIBRARY_FRAGMENT(quantserve, m) {
+  m.class_<qs::LlamaDecoder>("LlamaDecoder")
+      .def(torch::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor,
+                       at::Tensor>())
+      .def("add_layer", &qs::LlamaDecoder::add_layer)
+      .def("add_linear", &qs::LlamaDecoder::add_linear)
+      .def("set_lora", &qs::LlamaDecoder::set_lora)
+      .def("clear_lora", &qs::LlamaDecoder::clear_lora)
+      .def("step", &qs::LlamaDecoder::step);
+}
