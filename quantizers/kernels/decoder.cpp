@@ -20,11 +20,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QS_X86 1
-#endif
-
 namespace qs {
 namespace {
 
@@ -164,46 +159,104 @@ void run_slot(const Slot& slot, const bf16* x, int64_t B, bf16* out, Scratch& s,
   if (slot.lora_a.defined() && row_slots != nullptr) add_lora(slot, x, B, row_slots, out);
 }
 
-// softmax(q k^T * scale) v for the `group` query heads sharing one KV head,
-// over keys at `slots`; rows of k and v are head_dim bf16 apart by kv_stride.
-void attend(const bf16* q, int64_t group, int64_t hd, const bf16* k, const bf16* v,
-            int64_t kv_stride, const std::vector<int64_t>& slots, float scale, bf16* out,
-            std::vector<float>& scores, std::vector<float>& acc) {
+// softmax(q k^T * scale) v for one query head over the keys at `slots`;
+// rows of k and v are kv_stride bf16 apart.
+void attend_scalar(const bf16* q, int64_t hd, const bf16* k, const bf16* v, int64_t kv_stride,
+                   const std::vector<int64_t>& slots, float scale, bf16* out,
+                   std::vector<float>& scores) {
   const int64_t n = static_cast<int64_t>(slots.size());
-  scores.resize(group * n);
-  acc.assign(group * hd, 0.f);
-  std::vector<float> qf(group * hd);
-  for (int64_t i = 0; i < group * hd; ++i) qf[i] = f(q[i]);
+  scores.resize(n);
+  float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     const bf16* kr = k + slots[j] * kv_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      float dot = 0.f;
-      const float* qg = qf.data() + g * hd;
-      for (int64_t d = 0; d < hd; ++d) dot += qg[d] * f(kr[d]);
-      scores[g * n + j] = dot * scale;
-    }
+    float dot = 0.f;
+    for (int64_t d = 0; d < hd; ++d) dot += f(q[d]) * scale * f(kr[d]);
+    scores[j] = dot;
+    top = dot > top ? dot : top;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores.data() + g * n;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) top = sg[j] > top ? sg[j] : top;
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      sg[j] = std::exp(sg[j] - top);
-      sum += sg[j];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    sum += scores[j];
   }
+  std::vector<float> acc(hd, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const bf16* vr = v + slots[j] * kv_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * n + j];
-      float* ag = acc.data() + g * hd;
-      for (int64_t d = 0; d < hd; ++d) ag[d] += p * f(vr[d]);
-    }
+    const float p = scores[j] / sum;
+    for (int64_t d = 0; d < hd; ++d) acc[d] += p * f(vr[d]);
   }
-  for (int64_t i = 0; i < group * hd; ++i) out[i] = round_bf16(acc[i]);
+  for (int64_t d = 0; d < hd; ++d) out[d] = round_bf16(acc[d]);
+}
+
+#ifdef QS_X86
+constexpr int64_t kMaxChunks = 16;  // head_dim up to 256 in registers
+
+QS_AVX512 void attend_avx512(const bf16* q, int64_t hd, const bf16* k, const bf16* v,
+                             int64_t kv_stride, const std::vector<int64_t>& slots, float scale,
+                             bf16* out, std::vector<float>& scores) {
+  const int64_t n = static_cast<int64_t>(slots.size()), chunks = hd / 16;
+  scores.resize(n);
+  __m512 qv[kMaxChunks], acc[kMaxChunks];
+  for (int64_t c = 0; c < chunks; ++c) {
+    qv[c] = _mm512_mul_ps(widen16(q + 16 * c), _mm512_set1_ps(scale));
+    acc[c] = _mm512_setzero_ps();
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* kr = k + slots[j] * kv_stride;
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], widen16(kr + 16 * c), dot);
+    scores[j] = _mm512_reduce_add_ps(dot);
+    top = scores[j] > top ? scores[j] : top;
+  }
+  const __m512 peak = _mm512_set1_ps(top);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores.data() + j), peak));
+    _mm512_mask_storeu_ps(scores.data() + j, live, e);
+    total = _mm512_mask_add_ps(total, live, total, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(total);
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* vr = v + slots[j] * kv_stride;
+    const __m512 p = _mm512_set1_ps(scores[j] * inv);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, widen16(vr + 16 * c), acc[c]);
+  }
+  alignas(64) float buf[16];
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm512_store_ps(buf, acc[c]);
+    for (int d = 0; d < 16; ++d) out[16 * c + d] = round_bf16(buf[d]);
+  }
+}
+
+// silu(g) = g / (1 + e^-g), in float32.
+QS_AVX512 void silu_avx512(const bf16* gate, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = widen16(gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(out + i, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  }
+  for (; i < n; ++i) out[i] = f(gate[i]) / (1.f + std::exp(-f(gate[i])));
+}
+#endif
+
+void attend(const bf16* q, int64_t hd, const bf16* k, const bf16* v, int64_t kv_stride,
+            const std::vector<int64_t>& slots, float scale, bf16* out,
+            std::vector<float>& scores) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512 && hd % 16 == 0 && hd / 16 <= kMaxChunks)
+    return attend_avx512(q, hd, k, v, kv_stride, slots, scale, out, scores);
+#endif
+  attend_scalar(q, hd, k, v, kv_stride, slots, scale, out, scores);
+}
+
+void silu(const bf16* gate, int64_t n, float* out) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512) return silu_avx512(gate, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = f(gate[i]) / (1.f + std::exp(-f(gate[i])));
 }
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t,
@@ -369,6 +422,7 @@ class LlamaDecoder : public torch::CustomClassHolder {
     std::copy(xin, xin + B * H, hidden.begin());
     Scratch scratch;
     std::vector<bf16> qkv, attn(B * heads_ * hd), mlp, act, row(qk_width);
+    std::vector<float> gated;
     bf16* kv_base = kv.data_ptr<bf16>();
     const bf16* cos = cos_.data_ptr<bf16>();
     const bf16* sin = sin_.data_ptr<bf16>();
@@ -398,13 +452,14 @@ class LlamaDecoder : public torch::CustomClassHolder {
         std::copy(qk + heads_ * hd, qk + qk_width, k_layer + slot * kv_width);
         std::copy(qk + qk_width, qk + qk_width + kv_width, v_layer + slot * kv_width);
       }
-      at::parallel_for(0, B * kv_heads_, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> scores, acc;
+      // One task per query head: more tasks than KV heads balance the threads.
+      at::parallel_for(0, B * heads_, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> scores;
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / kv_heads_, kh = t % kv_heads_;
-          attend(qkv.data() + b * qkv_slot.width + kh * group * hd, group, hd,
-                 k_layer + kh * hd, v_layer + kh * hd, kv_width, keys[b], scaling_,
-                 attn.data() + (b * heads_ + kh * group) * hd, scores, acc);
+          const int64_t b = t / heads_, head = t % heads_, kh = head / group;
+          attend(qkv.data() + b * qkv_slot.width + head * hd, hd, k_layer + kh * hd,
+                 v_layer + kh * hd, kv_width, keys[b], scaling_,
+                 attn.data() + (b * heads_ + head) * hd, scores);
         }
       });
       run_slot(layer.slots[kO], attn.data(), B, out.data(), scratch, rs);
@@ -415,12 +470,13 @@ class LlamaDecoder : public torch::CustomClassHolder {
       mlp.resize(B * gate_up.width);
       act.resize(B * inter);
       run_slot(gate_up, h.data(), B, mlp.data(), scratch, rs);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < inter; ++i) {
-          const float g = f(mlp[b * gate_up.width + i]);
-          const float silu = f(round_bf16(g / (1.f + std::exp(-g))));
-          act[b * inter + i] = round_bf16(silu * f(mlp[b * gate_up.width + inter + i]));
-        }
+      gated.resize(inter);
+      for (int64_t b = 0; b < B; ++b) {
+        silu(mlp.data() + b * gate_up.width, inter, gated.data());
+        for (int64_t i = 0; i < inter; ++i)
+          act[b * inter + i] =
+              round_bf16(f(round_bf16(gated[i])) * f(mlp[b * gate_up.width + inter + i]));
+      }
       run_slot(layer.slots[kDown], act.data(), B, out.data(), scratch, rs);
       for (int64_t i = 0; i < B * H; ++i) hidden[i] = round_bf16(f(hidden[i]) + f(out[i]));
     }

@@ -17,10 +17,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QS_X86 1
-#endif
 
 namespace qs {
 namespace {
@@ -307,12 +303,6 @@ void bf16_avx512bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, const b
               bf16(_mm512_reduce_add_ps(acc[i][r]) + bias_at(bias, n + r));
     }
   }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-__m512 widen16(const bf16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))

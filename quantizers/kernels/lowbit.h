@@ -5,6 +5,11 @@
 
 #include <cstdint>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QS_X86 1
+#endif
+
 namespace qs {
 
 using bf16 = c10::BFloat16;
@@ -32,5 +37,33 @@ void int4_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const uint8_t
 // before the result's rounding.
 void bf16_matmul(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* bias,
                  bf16* out, int64_t ldo, int64_t N);
+
+#ifdef QS_X86
+#define QS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// 16 bf16 values as float32 (exact: bf16 is float32's upper half).
+QS_AVX512 inline __m512 widen16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// e^x to ~2e-7 relative error: x = n ln2 + r with |r| <= ln2 / 2, a degree-6
+// Taylor polynomial for e^r, scaled by 2^n.
+QS_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 }  // namespace qs

@@ -141,9 +141,12 @@ class LlamaRunner:
         self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.key_positions = torch.arange(max_seq_len, device=self.device)
         self._step = self._decode_step
-        self.native = (
-            native_decode.NativeDecoder(self) if self.native_unsupported is None else None
-        )
+        self.native: native_decode.NativeDecoder | None = None
+        if self.native_unsupported is None:
+            try:
+                self.native = native_decode.NativeDecoder(self)
+            except (ValueError, RuntimeError) as exc:  # a layout the checks did not foresee
+                self.native_unsupported = str(exc)
 
     @property
     def kv_spec(self) -> KVSpec:

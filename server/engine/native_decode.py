@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from quantizers import kernels
 from quantizers.runtime.int4 import Int4WeightOnlyLinear
 from quantizers.runtime.int8 import Int8WeightOnlyLinear
-from server.engine.projections import PlainLinear
+from server.engine.projections import FusedPart, PlainLinear
 
 if TYPE_CHECKING:
     from server.engine.kv_cache import KVCache
@@ -40,6 +40,10 @@ HEAD_LAYER = -1
 
 def _linear_kind(module: nn.Module) -> int | None:
     """The native kernel that computes `module`, if any."""
+    if isinstance(module, FusedPart):
+        # Installed by an earlier runner over this model (a swap to the same
+        # model): the native step reads the whole fused module.
+        return _linear_kind(module.fused)
     if isinstance(module, Int8WeightOnlyLinear):
         return KIND_INT8 if module.weight.device.type == "cpu" else None
     if isinstance(module, Int4WeightOnlyLinear):
@@ -102,8 +106,21 @@ def _linear_args(module: nn.Module) -> tuple[int, list[Tensor], list[int]]:
 
 
 def _modules(projection: Any) -> Sequence[nn.Module]:
-    """What a runner's projection computes: its prepared module or its parts."""
-    return [projection.prepared] if projection.prepared is not None else projection.modules
+    """What a runner's projection computes: its prepared module, or its parts
+    (the parts of one fused module, in order, as that module)."""
+    if projection.prepared is not None:
+        return [projection.prepared]
+    parts = projection.modules
+    if all(isinstance(p, FusedPart) for p in parts):
+        fused = parts[0].fused
+        bounds = [(p.start, p.stop) for p in parts]
+        stops = [0, *(stop for _, stop in bounds)]
+        whole = all(p.fused is fused for p in parts) and stops[-1] == fused.out_features
+        if whole and all(start == stops[i] for i, (start, _) in enumerate(bounds)):
+            return [fused]
+    if any(isinstance(p, FusedPart) for p in parts):
+        raise ValueError("parts of a fused projection that do not make it up whole")
+    return parts
 
 
 class NativeDecoder:

@@ -123,6 +123,18 @@ def test_native_rows_do_not_depend_on_their_batch() -> None:
             assert torch.equal(alone[0], batched[step][row])
 
 
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_a_second_runner_over_the_installed_parts_runs_natively_too(method: str | None) -> None:
+    """A swap to the same model builds a runner over the fused parts the first
+    one installed: it reads the same fused weights and computes the same bits."""
+    model = _model("bfloat16", method, None)
+    first = LlamaRunner(model, max_seq_len=64)
+    second = LlamaRunner(model, max_seq_len=64)
+    assert first.native is not None and second.native is not None, second.native_unsupported
+    for a, b in zip(_decode_logits(first), _decode_logits(second), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_models_the_native_step_does_not_serve_decode_eagerly() -> None:
     float32 = LlamaRunner(make_loaded().model, max_seq_len=16)
     assert float32.native is None and float32.native_unsupported == "not bf16"
