@@ -58,7 +58,7 @@ struct Layer {
 // Scratch of one step; sized on first use, reused while the batch fits.
 struct Scratch {
   std::vector<float> xf;
-  std::vector<bf16> padded, main, tail;
+  std::vector<bf16> padded, main;
 };
 
 void rms_norm(const bf16* x, int64_t B, int64_t H, const bf16* weight, float eps, bf16* out) {
@@ -97,21 +97,23 @@ void run_linear(const Linear& lin, const bf16* x, int64_t B, bf16* out, int64_t 
       xp = s.padded.data();
     }
     const int64_t P = lin.padded_out;
-    s.main.resize(B * P);
-    s.tail.resize(B * P);
+    Int4Part parts[2];
+    int count = 0;
     if (lin.main_in)
-      int4_matmul(xp, width, B, lin.main_in, lin.packed.data_ptr<uint8_t>(), lin.group_size,
-                  lin.scales_and_zeros.data_ptr<bf16>(), s.main.data(), P, P);
+      parts[count++] = {lin.packed.data_ptr<uint8_t>(), lin.scales_and_zeros.data_ptr<bf16>(), 0,
+                        lin.main_in, lin.group_size};
     if (lin.tail_in)
-      int4_matmul(xp + lin.main_in, width, B, lin.tail_in, lin.tail_packed.data_ptr<uint8_t>(),
-                  lin.tail_in, lin.tail_scales_and_zeros.data_ptr<bf16>(),
-                  lin.main_in ? s.tail.data() : s.main.data(), P, P);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t n = 0; n < N; ++n) {
-        const bf16 m = s.main[b * P + n];
-        out[b * ldo + n] =
-            lin.main_in && lin.tail_in ? round_bf16(f(m) + f(s.tail[b * P + n])) : m;
-      }
+      parts[count++] = {lin.tail_packed.data_ptr<uint8_t>(),
+                        lin.tail_scales_and_zeros.data_ptr<bf16>(), lin.main_in, lin.tail_in,
+                        lin.tail_in};
+    if (P == N) {
+      int4_matmul(xp, width, B, parts, count, out, ldo, N);
+    } else {
+      s.main.resize(B * P);
+      int4_matmul(xp, width, B, parts, count, s.main.data(), P, P);
+      for (int64_t b = 0; b < B; ++b)
+        std::copy(s.main.data() + b * P, s.main.data() + b * P + N, out + b * ldo);
+    }
   }
   // Low-bit modules add their bias to the rounded product (`_finish`).
   if (lin.bias.defined()) {

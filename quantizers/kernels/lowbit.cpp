@@ -161,79 +161,92 @@ constexpr int64_t kBlock4 = 64;
 // at once in float32; sum_k x (128 + q) - 128 sum_k x is folded into the
 // group's offset term. The unpack interleaves k and k + 1 per channel, which
 // leaves the 64 channels of a block in lane order kLaneChannel.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, int64_t K,
-                     const uint8_t* w, int64_t gs, const bf16* sz, bf16* out, int64_t ldo,
-                     int64_t N, int64_t b0, int64_t b1) {
+#define QS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// Rows m0 .. m0 + MT - 1 of one 64-channel block, written to dst (bf16).
+// Compile-time MT keeps the accumulators in registers. Every row's sums run
+// in the same order whatever MT, so a row's result does not depend on M.
+template <int MT>
+QS_AVX512BF16 void int4_block(const bf16* x, int64_t lda, const float* xsum, int64_t m0,
+                              int64_t K, const uint8_t* blk, int64_t gs, const bf16* sz,
+                              int64_t N, int64_t nb, bf16* dst, int64_t ldo) {
   const int64_t groups = K / gs;
   const __m512i nibble = _mm512_set1_epi16(15);
   const __m512i bias_bits = _mm512_set1_epi16(0x4300);
-  constexpr int kTile = 4;
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* blk = w + b * K * 32;
-    const int64_t nb = b * kBlock4;
-    if (b + 1 < b1) _mm_prefetch(reinterpret_cast<const char*>(blk + K * 32), _MM_HINT_T0);
-    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-      const int mt = static_cast<int>(M - m0 < kTile ? M - m0 : kTile);
-      __m512 total[kTile][4];
-      for (int i = 0; i < kTile; ++i)
-        for (int c = 0; c < 4; ++c) total[i][c] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 acc[kTile][4];
-        for (int i = 0; i < kTile; ++i)
-          for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
-          const uint8_t* row = blk + k * 32;
-          if (m0 == 0 && (k & 3) == 0)
-            _mm_prefetch(reinterpret_cast<const char*>(row + 1024), _MM_HINT_T0);
-          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-          const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
-          const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, c1));
-          const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, c1));
-          // (v & 15) | 0x4300 in one ternary-logic op: imm 0xEA = (A & B) | C.
-          __m512bh wv[4];
-          wv[0] = (__m512bh)_mm512_ternarylogic_epi32(lo, nibble, bias_bits, 0xEA);
-          wv[1] = (__m512bh)_mm512_ternarylogic_epi32(hi, nibble, bias_bits, 0xEA);
-          wv[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), nibble,
-                                                      bias_bits, 0xEA);
-          wv[3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(hi, 4), nibble,
-                                                      bias_bits, 0xEA);
-          for (int i = 0; i < mt; ++i) {
-            uint32_t pair;
-            std::memcpy(&pair, x + (m0 + i) * lda + k, sizeof(pair));
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-            for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv[c], xv);
-          }
-        }
-        for (int i = 0; i < mt; ++i) {
-          // Lane order -> channel order: each accumulator's halves hold 8
-          // channels 16 apart (unpack works within 128-bit lanes).
-          alignas(64) float natural[64];
-          for (int c = 0; c < 4; ++c) {
-            const int base = (c >> 1) * 32 + (c & 1) * 8;
-            _mm256_store_ps(natural + base, _mm512_castps512_ps256(acc[i][c]));
-            _mm256_store_ps(natural + base + 16, _mm512_extractf32x8_ps(acc[i][c], 1));
-          }
-          const __m512 xs = _mm512_set1_ps(xsum[(m0 + i) * groups + g]);
-          for (int c = 0; c < 4; ++c) {
-            const __m512i pairs = _mm512_loadu_si512(sz + (g * N + nb + c * 16) * 2);
-            const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-            const __m512 o = _mm512_castsi512_ps(
-                _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            const __m512 bias = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, o);
-            total[i][c] = _mm512_fmadd_ps(s, _mm512_load_ps(natural + c * 16), total[i][c]);
-            total[i][c] = _mm512_fmadd_ps(bias, xs, total[i][c]);
-          }
-        }
+  __m512 total[MT][4];
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < 4; ++c) total[i][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MT][4];
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
+      const uint8_t* row = blk + k * 32;
+      if (m0 == 0 && (k & 3) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(row + 1024), _MM_HINT_T0);
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+      const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, c1));
+      const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, c1));
+      // (v & 15) | 0x4300 in one ternary-logic op: imm 0xEA = (A & B) | C.
+      __m512bh wv[4];
+      wv[0] = (__m512bh)_mm512_ternarylogic_epi32(lo, nibble, bias_bits, 0xEA);
+      wv[1] = (__m512bh)_mm512_ternarylogic_epi32(hi, nibble, bias_bits, 0xEA);
+      wv[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), nibble,
+                                                  bias_bits, 0xEA);
+      wv[3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(hi, 4), nibble,
+                                                  bias_bits, 0xEA);
+      for (int i = 0; i < MT; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, x + (m0 + i) * lda + k, sizeof(pair));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv[c], xv);
       }
-      for (int i = 0; i < mt; ++i)
-        for (int c = 0; c < 4; ++c) {
-          alignas(64) float buf[16];
-          _mm512_store_ps(buf, total[i][c]);
-          bf16* dst = out + (m0 + i) * ldo + nb + c * 16;
-          for (int l = 0; l < 16; ++l) dst[l] = bf16(buf[l]);
-        }
     }
+    for (int i = 0; i < MT; ++i) {
+      // Lane order -> channel order: each accumulator's halves hold 8
+      // channels 16 apart (unpack works within 128-bit lanes).
+      alignas(64) float natural[64];
+      for (int c = 0; c < 4; ++c) {
+        const __m512 sum = acc[i][c];
+        const int base = (c >> 1) * 32 + (c & 1) * 8;
+        _mm256_store_ps(natural + base, _mm512_castps512_ps256(sum));
+        _mm256_store_ps(natural + base + 16, _mm512_extractf32x8_ps(sum, 1));
+      }
+      const __m512 xs = _mm512_set1_ps(xsum[(m0 + i) * groups + g]);
+      for (int c = 0; c < 4; ++c) {
+        const __m512i pairs = _mm512_loadu_si512(sz + (g * N + nb + c * 16) * 2);
+        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+        const __m512 o = _mm512_castsi512_ps(
+            _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        const __m512 bias = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, o);
+        total[i][c] = _mm512_fmadd_ps(s, _mm512_load_ps(natural + c * 16), total[i][c]);
+        total[i][c] = _mm512_fmadd_ps(bias, xs, total[i][c]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < 4; ++c) {
+      alignas(64) float buf[16];
+      _mm512_store_ps(buf, total[i][c]);
+      for (int l = 0; l < 16; ++l) dst[(m0 + i) * ldo + c * 16 + l] = bf16(buf[l]);
+    }
+}
+
+// One 64-channel block b of one packed part, every row, into dst (its
+// column 0 being the block's first channel).
+void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, int64_t K,
+                     const uint8_t* w, int64_t gs, const bf16* sz, int64_t N, int64_t b,
+                     bf16* dst, int64_t ldo) {
+  const uint8_t* blk = w + b * K * 32;
+  const int64_t nb = b * kBlock4;
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) int4_block<4>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo);
+  switch (M - m0) {
+    case 3: int4_block<3>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    case 2: int4_block<2>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    case 1: int4_block<1>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    default: break;
   }
 }
 #endif
@@ -378,21 +391,42 @@ void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const bf
   });
 }
 
-void int4_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const uint8_t* w,
-                 int64_t gs, const bf16* scales_and_zeros, bf16* out, int64_t ldo, int64_t N) {
+void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, int count,
+                 bf16* out, int64_t ldo, int64_t N) {
   TORCH_CHECK(kIsa == Isa::avx512bf16, "quantserve's int4 kernel needs AVX512-BF16");
-  const int64_t groups = K / gs;
-  std::vector<float> xsum(M * groups, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += static_cast<float>(x[m * lda + k]);
-      xsum[m * groups + g] = s;
-    }
-  const float* xs = xsum.data();
+  std::vector<std::vector<float>> xsums(count);
+  for (int p = 0; p < count; ++p) {
+    const Int4Part& part = parts[p];
+    const int64_t groups = part.k / part.group_size;
+    xsums[p].assign(M * groups, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.f;
+        const bf16* row = x + m * lda + part.offset + g * part.group_size;
+        for (int64_t k = 0; k < part.group_size; ++k) s += static_cast<float>(row[k]);
+        xsums[p][m * groups + g] = s;
+      }
+  }
 #ifdef QS_X86
+  // Each block's parts in one task: the first part's output in place, each
+  // later one's rounded to bf16 and added (as the module adds its two outputs).
   at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
-    int4_avx512bf16(x, lda, xs, M, K, w, gs, scales_and_zeros, out, ldo, N, b0, b1);
+    std::vector<bf16> later(count > 1 ? M * kBlock4 : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      bf16* dst = out + b * kBlock4;
+      for (int p = 0; p < count; ++p) {
+        const Int4Part& part = parts[p];
+        const bool first = p == 0;
+        int4_avx512bf16(x + part.offset, lda, xsums[p].data(), M, part.k, part.packed,
+                        part.group_size, part.scales_and_zeros, N, b,
+                        first ? dst : later.data(), first ? ldo : kBlock4);
+        if (first) continue;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < kBlock4; ++c)
+            dst[m * ldo + c] = bf16(static_cast<float>(dst[m * ldo + c]) +
+                                    static_cast<float>(later[m * kBlock4 + c]));
+      }
+    }
   });
 #endif
 }
@@ -456,8 +490,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t gr
               "scales_and_zeros bf16 [K / g, N, 2]");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  int4_matmul(x.data_ptr<bf16>(), lda, M, K, packed.data_ptr<uint8_t>(), group_size,
-              scales_and_zeros.data_ptr<bf16>(), out.data_ptr<bf16>(), N, N);
+  const Int4Part part{packed.data_ptr<uint8_t>(), scales_and_zeros.data_ptr<bf16>(), 0, K,
+                      group_size};
+  int4_matmul(x.data_ptr<bf16>(), lda, M, &part, 1, out.data_ptr<bf16>(), N, N);
   return out;
 }
 

@@ -27,11 +27,20 @@ Isa isa();
 void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
                  bf16* out, int64_t ldo, int64_t N);
 
-// W in torch's CPU int4 packing (N a multiple of 64), groups of gs inputs with
-// bf16 (scale, offset) pairs [K / gs, N, 2]; x bf16 with row stride lda.
+// One int4 weight over inputs offset .. offset + k of x: torch's CPU int4
+// packing (N a multiple of 64), groups of group_size inputs with bf16
+// (scale, offset) pairs [k / group_size, N, 2].
+struct Int4Part {
+  const uint8_t* packed;
+  const bf16* scales_and_zeros;
+  int64_t offset, k, group_size;
+};
+
+// The sum of `count` parts' products (each rounded to bf16 before it is
+// added), in one pass over the output blocks; x bf16 with row stride lda.
 // Needs Isa::avx512bf16.
-void int4_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const uint8_t* w,
-                 int64_t gs, const bf16* scales_and_zeros, bf16* out, int64_t ldo, int64_t N);
+void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, int count,
+                 bf16* out, int64_t ldo, int64_t N);
 
 // W bf16 [N, K] row-major; x bf16 [M, K]; bias bf16 [N] or null, added
 // before the result's rounding.
