@@ -457,9 +457,13 @@ def served_load(base_url: str, model: str, clients: int, rounds: int, tokens: in
             first = None
             produced = 0
             usage = None
+            # ignore_eos (vLLM's and llama-server's extension): every answer
+            # is `tokens` long, whichever text each server's greedy decode
+            # produces, so the servers do the same work.
             stream = api.completions.create(
                 model=model, prompt=f"Write a long story about {topic}.\n\n",
                 max_tokens=tokens, temperature=0.0, stream=True,
+                extra_body={"ignore_eos": True},
             )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:

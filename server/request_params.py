@@ -145,6 +145,7 @@ def sampling_params(
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=None if req.seed is None else req.seed + choice,
         stop=tuple(stop_list(req.stop)),
-        stop_token_ids=stop_token_ids(loaded),
+        stop_token_ids=() if req.ignore_eos else stop_token_ids(loaded),
         logprobs=logprobs,
+        ignore_eos=bool(req.ignore_eos),
     )

@@ -56,6 +56,9 @@ class _Request(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
+    # vLLM's extension: keep generating past end-of-sequence tokens, up to
+    # max_tokens or a stop string (benchmarks that need every answer as long).
+    ignore_eos: bool | None = False
 
     @field_validator("stop")
     @classmethod

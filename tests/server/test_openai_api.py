@@ -31,6 +31,20 @@ def test_completion_answers_sensibly(client: openai.OpenAI) -> None:
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
+def test_ignore_eos_generates_max_tokens(client: openai.OpenAI) -> None:
+    """vLLM's `ignore_eos`: the answer that ends at end-of-sequence runs on to
+    max_tokens instead."""
+    ask = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 40,
+           "temperature": 0}
+    ends = client.completions.create(**ask)
+    assert ends.choices[0].finish_reason == "stop"
+    assert ends.usage is not None and ends.usage.completion_tokens < 40
+    runs_on = client.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert runs_on.choices[0].finish_reason == "length"
+    assert runs_on.usage is not None and runs_on.usage.completion_tokens == 40
+    assert runs_on.choices[0].text.startswith(ends.choices[0].text)
+
+
 def test_chat_completion_uses_template(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
