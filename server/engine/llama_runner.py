@@ -21,7 +21,10 @@ runner calls the model's own modules (so quantised drop-in replacements of
 * q/k/v and gate/up run as one matmul each and bf16 weights are prepacked for
   oneDNN (`projections.py`), exactly where that gives the same numbers; the
   prepared modules replace the originals inside the model, so the weights are
-  held once (but for a packed head tied to the embedding).
+  held once (but for a packed head tied to the embedding);
+* where the model allows, a decode step is one native call
+  (`native_decode.py`), the eager step below being the fallback and the
+  reference it is tested against.
 """
 
 from __future__ import annotations
