@@ -104,12 +104,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     print(describe_machine(args.threads))
-    base = load_model(dtype="float32")
+    # Every parallel torch op runs on a short-lived thread: an OpenMP pool left
+    # on the main thread would shorten the measuring thread's spin-waits.
+    base = on_thread(partial(load_model, dtype="float32"))
     print(f"{'variant':<8}{'batch':>6}{'eager ms':>10}{'native ms':>11}{'eager/native':>14}")
     for name in args.variants.split(","):
-        model = variant_model(base, name).model
+        model = on_thread(partial(variant_model, base, name)).model
         native, eager = on_thread(partial(runners, model, name, args))
         for batch in (int(b) for b in args.batch.split(",")):
             eager_s, native_s = on_thread(partial(measure, native, eager, batch, args))
