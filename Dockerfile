@@ -30,10 +30,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # Versions follow the Ubuntu release pinned by the base image tag.
-# $COMPILE_PACKAGES is a word list: unquoted on purpose.
+# $COMPILE_PACKAGES is a word list: unquoted on purpose. libgomp1: quantserve's
+# CPU kernels are built with OpenMP and need libgomp.so.1 where the torch wheel
+# does not bring its own under that name.
 # hadolint ignore=DL3008,SC2086
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates $COMPILE_PACKAGES \
+    && apt-get install -y --no-install-recommends python3 ca-certificates libgomp1 \
+       $COMPILE_PACKAGES \
     && rm -rf /var/lib/apt/lists/*
 
 FROM base AS builder
