@@ -16,12 +16,10 @@ import argparse
 import copy
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from serve_bench import in_fresh_thread as on_thread  # noqa: E402
 from serve_bench import variant_model  # noqa: E402
 
 from quantizers.evaluation.machine import describe_machine  # noqa: E402
@@ -37,18 +36,6 @@ from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.llama_runner import LlamaRunner  # noqa: E402
 
 BLOCK = 16
-
-
-def on_thread(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on a thread that then exits (one OpenMP pool at a time; see
-    serve_bench.in_fresh_thread)."""
-    box: list[Any] = []
-    thread = threading.Thread(target=lambda: box.append(fn()))
-    thread.start()
-    thread.join()
-    if not box:
-        raise RuntimeError("failed (see the traceback above)")
-    return box[0]
 
 
 def stepper(runner: LlamaRunner, batch: int, position: int) -> Callable[[], float]:
@@ -106,7 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     print(describe_machine(args.threads))
     # Every parallel torch op runs on a short-lived thread: an OpenMP pool left
-    # on the main thread would shorten the measuring thread's spin-waits.
+    # on the main thread would shorten the measuring thread's spin-waits
+    # (serve_bench.in_fresh_thread).
     base = on_thread(partial(load_model, dtype="float32"))
     print(f"{'variant':<8}{'batch':>6}{'eager ms':>10}{'native ms':>11}{'eager/native':>14}")
     for name in args.variants.split(","):

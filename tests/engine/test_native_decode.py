@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantizers import kernels, quantize
 from quantizers.lora.peft_format import read_adapter
@@ -21,7 +21,7 @@ from server.engine.llama_runner import LlamaRunner
 from server.engine.served_model import ServedModel
 from tests.engine.conftest import make_loaded
 from tests.engine.paged import scratch_cache
-from tests.engine.test_prepared import _model
+from tests.engine.test_prepared import _model, qwen2_model
 from tests.helpers.lora_adapters import save_random_adapter
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
@@ -30,24 +30,6 @@ PROMPTS = [[5, 17, 99, 3, 42, 7], [8, 1], [250, 251, 252, 11, 60, 61, 62, 63, 64
 # Fed to every sequence at each step, whatever either path would pick: both
 # paths see the same inputs.
 FORCED = [[1, 2, 3], [40, 41, 42], [7, 7, 7], [199, 5, 90]]
-
-
-def _qwen2(method: str | None) -> nn.Module:
-    """q/k/v biases (moderate: large ones make attention so sharp that bf16
-    rounding alone moves the eager step's logits 7% from float32's)."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=300, max_position_embeddings=128,
-        tie_word_embeddings=True, initializer_range=0.5,
-    )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.bias.normal_(std=0.2)
-    if method is not None:
-        quantize(model, method)
-    return model
 
 
 def _partial_groups() -> nn.Module:
@@ -81,8 +63,10 @@ MODELS = {
     "int8": lambda: _model("bfloat16", "int8", None),
     "int4": lambda: _model("bfloat16", "int4", {"group_size": 64}),
     "int4-partial-group": _partial_groups,
-    "qwen2-bf16": lambda: _qwen2(None),
-    "qwen2-int8": lambda: _qwen2("int8"),
+    # Moderate q biases: large ones make attention so sharp that bf16 rounding
+    # alone moves the eager step's logits 7% from float32's.
+    "qwen2-bf16": lambda: qwen2_model(None, bias_std=0.2),
+    "qwen2-int8": lambda: qwen2_model("int8", bias_std=0.2),
 }
 
 

@@ -89,9 +89,9 @@ def test_int4_rows_that_do_not_concatenate_stay_unfused_and_exact() -> None:
         assert torch.equal(want, got)
 
 
-@pytest.mark.parametrize("method", [None, "int8"])
-def test_biased_qkv_fuse_exactly(method: str | None) -> None:
-    """Qwen2 has q/k/v biases: they are concatenated with the weights."""
+def qwen2_model(method: str | None, bias_std: float = 1.0) -> nn.Module:
+    """A tiny bf16 Qwen2 (q/k/v biases, q's drawn with `bias_std`), quantised
+    with `method` unless None."""
     torch.manual_seed(0)
     config = Qwen2Config(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -101,9 +101,16 @@ def test_biased_qkv_fuse_exactly(method: str | None) -> None:
     model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.bias.normal_()
+            layer.self_attn.q_proj.bias.normal_(std=bias_std)
     if method is not None:
         quantize(model, method)
+    return model
+
+
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_biased_qkv_fuse_exactly(method: str | None) -> None:
+    """Qwen2 has q/k/v biases: they are concatenated with the weights."""
+    model = qwen2_model(method)
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     reference = LlamaRunner(model, max_seq_len=64, prepare=False)
     prepared = LlamaRunner(model, max_seq_len=64, native=False)
