@@ -214,7 +214,8 @@ def build_contender(
                         num_threads=args.threads, compile=args.compile)
         engine.start()  # compilation and warm-up happen here, outside the timed runs
         extra = engine.stats().extra
-        info |= {k: extra[k] for k in ("warmup_seconds", "compile_seconds", "decode_compiled")}
+        info |= {k: extra[k] for k in ("warmup_seconds", "compile_seconds", "decode_compiled",
+                                       "decode_native")}
         measure = partial(engine_speed, engine, ids, args.tokens)
 
     def run() -> tuple[float, float]:
@@ -293,8 +294,7 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nstart-up of quantserve's engines (--compile {args.compile}), not timed below:")
     for name, info in warmups.items():
         print(f"  {name}: warm-up {info['warmup_seconds']:.1f} s, of which compiling "
-              f"{info['compile_seconds']:.1f} s (decode "
-              f"{'compiled' if info['decode_compiled'] else 'eager'})")
+              f"{info['compile_seconds']:.1f} s (decode {decode_mode(info)})")
     print(f"\nbatch-1, prompt {args.prompt_tokens} tokens, {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.reps} (alternating)")
     print(f"measured read bandwidth at {args.threads} threads: {bandwidth:.1f} GB/s "
@@ -312,6 +312,13 @@ def decode_part(args: argparse.Namespace) -> dict[str, Any]:
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}")
     return {"table": table, "ratios": ratios, "warmup": warmups, "memory_gbps": bandwidth}
+
+
+def decode_mode(info: dict) -> str:
+    """How an engine contender's decode steps ran, from its stats."""
+    if info["decode_compiled"]:
+        return "compiled"
+    return "native" if info["decode_native"] else "eager"
 
 
 def decode_ratios(table: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -243,6 +243,7 @@ class Engine:
                 "warmup_seconds": active.warmup_s,
                 "compile_seconds": active.compile_s,
                 "decode_compiled": float(active.compiled),
+                "decode_native": float(active.decode_mode == "native"),
                 "prepared_weight_bytes": float(active.runner.prepared_weight_bytes),
                 "kv_pool_bytes": float(sum(p.cache.nbytes for p in pools)),
                 "num_threads": float(self.num_threads),

@@ -114,13 +114,22 @@ class ServedModel:
             self._compile()
         self._run_every_batch_size()
         self.warmup_s = time.perf_counter() - start
+        why = getattr(self.runner, "native_unsupported", None)
         log.info(
             "warm-up of %s (%s) took %.2f s (weights prepared in %.2f s, decode %s%s)",
             self.loaded.model_id, self.loaded.variant, self.warmup_s, self.prepare_s,
-            "compiled" if self.compiled else "eager",
-            f", compiled in {self.compile_s:.1f} s" if self.compiled else "",
+            self.decode_mode,
+            f", compiled in {self.compile_s:.1f} s" if self.compiled
+            else f": no native step, {why}" if self.decode_mode == "eager" and why else "",
         )
         return self.warmup_s
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run: `compiled`, `native` (one C++ call) or `eager`."""
+        if self.compiled:
+            return "compiled"
+        return "native" if getattr(self.runner, "native", None) is not None else "eager"
 
     @property
     def kv_spec(self) -> KVSpec:

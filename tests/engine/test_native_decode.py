@@ -128,6 +128,13 @@ def test_models_the_native_step_does_not_serve_decode_eagerly() -> None:
     assert w8a8.native is None and "without a native kernel" in w8a8.native_unsupported
 
 
+def test_served_models_say_how_they_decode() -> None:
+    """The warm-up log and the engine's stats name the decode mode."""
+    native = ServedModel(make_loaded(dtype=torch.bfloat16), max_num_seqs=1, max_model_len=32)
+    eager = ServedModel(make_loaded(), max_num_seqs=1, max_model_len=32)
+    assert native.decode_mode == "native" and eager.decode_mode == "eager"
+
+
 def test_an_int8_kv_cache_decodes_eagerly_with_the_same_tokens() -> None:
     model = _model("bfloat16", "int8", None)
     runner = LlamaRunner(model, max_seq_len=64)
