@@ -27,6 +27,8 @@ enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
 
 inline bf16 round_bf16(float v) { return bf16(v); }
 inline float f(bf16 v) { return static_cast<float>(v); }
+// silu(g) = g / (1 + e^-g), in float32.
+inline float silu_one(bf16 g) { return f(g) / (1.f + std::exp(-f(g))); }
 
 // One projection: out columns [0, out_features) of what its kernel computes.
 struct Linear {
@@ -232,7 +234,7 @@ QS_AVX512 void attend_avx512(const bf16* q, int64_t hd, const bf16* k, const bf1
   }
 }
 
-// silu(g) = g / (1 + e^-g), in float32.
+// silu_one over 16 lanes at a time.
 QS_AVX512 void silu_avx512(const bf16* gate, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -240,7 +242,7 @@ QS_AVX512 void silu_avx512(const bf16* gate, int64_t n, float* out) {
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
     _mm512_storeu_ps(out + i, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
   }
-  for (; i < n; ++i) out[i] = f(gate[i]) / (1.f + std::exp(-f(gate[i])));
+  for (; i < n; ++i) out[i] = silu_one(gate[i]);
 }
 #endif
 
@@ -258,7 +260,7 @@ void silu(const bf16* gate, int64_t n, float* out) {
 #ifdef QS_X86
   if (isa() >= Isa::avx512) return silu_avx512(gate, n, out);
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = f(gate[i]) / (1.f + std::exp(-f(gate[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = silu_one(gate[i]);
 }
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t,

@@ -148,6 +148,7 @@ class NativeDecoder:
             self.decoder.add_linear(HEAD_LAYER, 0, *_linear_args(module))
         # The projections the decoder read, in (slot, layer) order, the head last.
         self._sites = self._current()
+        self._wrapped: list[tuple[int, Any]] = []  # LoRA wrappers found by `serves`
         self._lora_set: object | None = None
 
     def _current(self) -> list[Any]:
@@ -163,18 +164,22 @@ class NativeDecoder:
 
     def serves(self, cache: KVCache) -> bool:
         """Whether this step can run now: a bf16 pool, and the runner's own
-        projections, bare or in a LoRA wrapper."""
+        projections, bare or in a LoRA wrapper (noted for `_row_slots`)."""
         if cache.storage is None:
             return False
-        return all(
-            now is site or getattr(now, "inner", None) is site
-            for now, site in zip(self._current(), self._sites, strict=True)
-        )
+        self._wrapped = []
+        for index, (now, site) in enumerate(zip(self._current(), self._sites, strict=True)):
+            if now is site:
+                continue
+            if getattr(now, "inner", None) is not site:
+                return False
+            self._wrapped.append((index, now))
+        return True
 
     def _row_slots(self, batch: int) -> Tensor:
         """Each row's adapter slot, after handing the decoder the current
-        adapter set's stacks if it changed."""
-        wrapped = [(i, p) for i, p in enumerate(self._current()) if hasattr(p, "state")]
+        adapter set's stacks if it changed (the wrappers `serves` just found)."""
+        wrapped = self._wrapped
         state = wrapped[0][1].state if wrapped else None
         current = None if state is None else state.current
         if current is not self._lora_set:
@@ -194,6 +199,7 @@ class NativeDecoder:
         self, cache: KVCache, token_ids: Tensor, positions: list[int],
         block_tables: list[list[int]],
     ) -> Tensor:
+        """One decode step; `serves(cache)` must have said yes just before."""
         width = max(len(table) for table in block_tables)
         tables = torch.tensor([table + [0] * (width - len(table)) for table in block_tables])
         return self.decoder.step(
