@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,7 +58,7 @@ struct Layer {
   Slot slots[kSlots];
 };
 
-// Scratch of one step; sized on first use, reused while the batch fits.
+// Buffers of one step, reused by its layers' projections.
 struct Scratch {
   std::vector<float> xf;
   std::vector<bf16> padded, main;
