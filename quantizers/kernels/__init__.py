@@ -42,6 +42,8 @@ SOURCES = (HERE / "lowbit.cpp", HERE / "decoder.cpp")
 HEADERS = (HERE / "lowbit.h",)
 NAME = "quantserve_lowbit"
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512-bf16")
+# The int8 kernel's paths, by preference from last to first (see lowbit.cpp).
+INT8_PATHS = ("scalar", "avx2", "vnni", "amx")
 # Output channels per block of torch's CPU int4 packing, which the kernel reads.
 INT4_BLOCK = 64
 
@@ -144,6 +146,36 @@ def stock() -> Iterator[None]:
 def isa() -> str:
     """The instruction set the loaded kernels run on this CPU."""
     return ISA_NAMES[int(torch.ops.quantserve.isa_level())]
+
+
+def int8_paths() -> list[str]:
+    """The int8 kernel's paths this CPU runs, the one used by default last."""
+    if not available():
+        return []
+    best = int(torch.ops.quantserve.best_int8_path())
+    return [name for level, name in enumerate(INT8_PATHS[: best + 1]) if _runs(level)]
+
+
+def _runs(level: int) -> bool:
+    before = int(torch.ops.quantserve.set_int8_path(level))
+    if before >= 0:
+        torch.ops.quantserve.set_int8_path(before)
+    return before >= 0
+
+
+@contextmanager
+def int8_path(name: str) -> Iterator[None]:
+    """Run the int8 kernel's `name` path inside the block (tests and benchmarks
+    compare the paths; results are the same on every one)."""
+    if name not in INT8_PATHS:
+        raise ValueError(f"unknown int8 path {name!r}: one of {', '.join(INT8_PATHS)}")
+    before = int(torch.ops.quantserve.set_int8_path(INT8_PATHS.index(name))) if available() else -1
+    if before < 0:
+        raise ValueError(f"this CPU does not run the int8 kernel's {name} path")
+    try:
+        yield
+    finally:
+        torch.ops.quantserve.set_int8_path(before)
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:

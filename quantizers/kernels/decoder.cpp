@@ -60,7 +60,6 @@ struct Layer {
 
 // Buffers of one step, reused by its layers' projections.
 struct Scratch {
-  std::vector<float> xf;
   std::vector<bf16> padded, main;
 };
 
@@ -84,9 +83,7 @@ void run_linear(const Linear& lin, const bf16* x, int64_t B, bf16* out, int64_t 
     return;
   }
   if (lin.kind == kInt8) {
-    s.xf.resize(B * K);
-    for (int64_t i = 0; i < B * K; ++i) s.xf[i] = f(x[i]);
-    int8_matmul(s.xf.data(), B, K, lin.weight.data_ptr<int8_t>(), lin.scale.data_ptr<bf16>(),
+    int8_matmul(x, K, B, K, lin.weight.data_ptr<int8_t>(), lin.scale.data_ptr<bf16>(),
                 out, ldo, N);
   } else {
     // The int4 kernel reads whole kernel groups: a partial last group reads

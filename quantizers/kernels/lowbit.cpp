@@ -1,21 +1,30 @@
 // Weight-only low-bit matmuls for few activation rows (decode), bf16 in and out.
 //
 // torch's CPU kernels for these layouts are tuned per CPU family and stream
-// weights well on some CPUs only; these fuse dequantisation into a float32
-// dot product, one output channel's sums in the same order whatever the row
-// count, the output blocking or the thread count (a row's result does not
-// depend on its batch). Compiled for a generic x86-64/ARM target: the AVX-512
-// and AVX2 paths carry their own target attributes and are chosen at run time
-// from the CPU's features, so one build serves every CPU.
+// weights well on some CPUs only; these fuse dequantisation into the dot
+// product (exact integer sums for int8, float32 for int4 and bf16), one output
+// channel's sums in the same order whatever the row count, the output
+// blocking or the thread count (a row's result does not depend on its batch).
+// Compiled for a generic x86-64/ARM target: the AMX, AVX-512 and AVX2 paths
+// carry their own target attributes and are chosen at run time from the CPU's
+// features, so one build serves every CPU.
 #include "lowbit.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 
 namespace qs {
@@ -37,72 +46,328 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
+// The int8 kernels by preference; int8_paths() says which this CPU runs.
+enum class Int8Path : int64_t { scalar = 0, avx2 = 1, vnni = 2, amx = 3 };
+
+
 // ---------------------------------------------------------------- int8
 // out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K] row-major.
-constexpr int kRows8 = 4;  // output channels per register block
+//
+// Each row of x is quantised to 15-bit integer codes with one float scale
+// (int8_qmax), so the products are exact integer multiply-adds: AMX's
+// `tdpbssd` multiplies a 16-channel x 64-k weight tile straight from memory
+// against the codes' two int8 halves; `vpdpwssd` (AVX512-VNNI) and `vpmaddwd`
+// (AVX2) take the codes whole. The rounding of x stays below the bf16
+// rounding it already carries unless a row's peak is over ~64x its RMS.
+// Integer sums are exact: a result depends on neither the row count, the
+// blocking, the thread count nor the instruction set.
+constexpr int kRows8 = 4;   // output channels per register block
+constexpr int kStep8 = 32;   // k per VNNI step
+constexpr int64_t kPadK = 64;  // rows of x are zero-padded to a multiple (an AMX tile)
 
-void int8_scalar(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
+// x's rows as int16 codes (row stride Kp) and their float scales.
+struct Int8Input {
+  std::vector<int16_t> q;
+  std::vector<float> scale;
+  int64_t Kp = 0;
+};
+
+// The largest code: 127 * 128, so a code splits into int8 halves 128 h + l
+// (AMX); and sums of K products of |code| <= qmax and |w| <= 128 must fit an
+// int32 accumulator lane, of which the 8-lane AVX2 kernel puts K / 8 in one.
+int32_t int8_qmax(int64_t K) {
+  const int64_t per_lane = (K + 7) / 8;
+  return static_cast<int32_t>(std::min<int64_t>(127 * 128, ((int64_t{1} << 31) - 1) / (128 * per_lane)));
+}
+
+#ifdef QS_X86
+// x[k .. k + 16) as float32, zeros past K.
+QS_AVX512 inline __m512 widen_upto(const bf16* row, int64_t k, int64_t K) {
+  const __mmask16 live = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+  const __m256i raw = _mm256_maskz_loadu_epi16(live, row + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// One row's codes, as the scalar loop below rounds them (to nearest even).
+QS_AVX512 void quantize_row_avx512(const bf16* row, int64_t K, float qmax, int16_t* q,
+                                   float* scale) {
+  __m512 peak = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(widen_upto(row, k, K)));
+  const float amax = _mm512_reduce_max_ps(peak);
+  if (amax == 0.f) return;
+  const __m512 inv = _mm512_set1_ps(qmax / amax);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 live = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(widen_upto(row, k, K), inv));
+    _mm256_mask_storeu_epi16(q + k, live, _mm512_cvtsepi32_epi16(codes));
+  }
+  *scale = amax / qmax;
+}
+#endif
+
+Int8Input quantize_rows(const bf16* x, int64_t lda, int64_t M, int64_t K) {
+  Int8Input in;
+  in.Kp = (K + kPadK - 1) / kPadK * kPadK;
+  in.q.assign(M * in.Kp, 0);
+  in.scale.assign(M, 0.f);
+  const float qmax = static_cast<float>(int8_qmax(K));
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* row = x + m * lda;
+    int16_t* q = in.q.data() + m * in.Kp;
+#ifdef QS_X86
+    if (kIsa >= Isa::avx512) {
+      quantize_row_avx512(row, K, qmax, q, &in.scale[m]);
+      continue;
+    }
+#endif
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+    if (amax == 0.f) continue;
+    const float inv = qmax / amax;
+    for (int64_t k = 0; k < K; ++k)
+      q[k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(row[k]) * inv));
+    in.scale[m] = amax / qmax;
+  }
+  return in;
+}
+
+inline bf16 int8_result(int64_t total, float x_scale, bf16 w_scale) {
+  return bf16(static_cast<float>(total) * x_scale * static_cast<float>(w_scale));
+}
+
+void int8_scalar(const Int8Input& in, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
                  bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += xm[k] * static_cast<float>(row[k]);
-      out[m * ldo + n] = bf16(acc * static_cast<float>(scale[n]));
+      const int16_t* q = in.q.data() + m * in.Kp;
+      int64_t total = 0;
+      for (int64_t k = 0; k < K; ++k) total += int32_t{q[k]} * int32_t{row[k]};
+      out[m * ldo + n] = int8_result(total, in.scale[m], scale[n]);
     }
   }
 }
 
 #ifdef QS_X86
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-void int8_avx512(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-                 bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
-  const int64_t tail = K % 16;
-  const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
+#define QS_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// Rows m0 .. m0 + MT - 1 against channels n .. n + rows - 1 (rows <= kRows8).
+template <int MT>
+QS_VNNI void int8_vnni_block(const Int8Input& in, int64_t m0, int64_t K, const int8_t* const* wr,
+                             int rows, const bf16* scale, bf16* out, int64_t ldo, int64_t n) {
+  __m512i acc[MT][kRows8];
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += kStep8) {
+    // Past K the weights read as zeros (and x is zero-padded).
+    const __mmask32 mask = K - k >= kStep8 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    if (m0 == 0 && (k & 63) == 0) {
+      // The rows two blocks ahead: more loads in flight than the hardware
+      // prefetcher keeps for four interleaved row streams.
+      for (int r = 0; r < kRows8; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 2 * kRows8 * K), _MM_HINT_T0);
+    }
+    __m512i wv[kRows8];
+    for (int r = 0; r < kRows8; ++r)
+      wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr[r] + k));
+    for (int i = 0; i < MT; ++i) {
+      const __m512i xv = _mm512_loadu_si512(in.q.data() + (m0 + i) * in.Kp + k);
+      for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], xv, wv[r]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int r = 0; r < rows; ++r) {
+      const __m512i wide = _mm512_add_epi64(
+          _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[i][r])),
+          _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[i][r], 1)));
+      out[(m0 + i) * ldo + n + r] =
+          int8_result(_mm512_reduce_add_epi64(wide), in.scale[m0 + i], scale[n + r]);
+    }
+}
+
+QS_VNNI void int8_vnni(const Int8Input& in, int64_t M, int64_t K, const int8_t* w,
+                       const bf16* scale, bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += kRows8) {
     const int rows = static_cast<int>(n1 - n < kRows8 ? n1 - n : kRows8);
     const int8_t* wr[kRows8];
     for (int r = 0; r < kRows8; ++r) wr[r] = w + (n + (r < rows ? r : 0)) * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mt = static_cast<int>(M - m0 < 4 ? M - m0 : 4);
-      __m512 acc[4][kRows8];
-      for (int i = 0; i < 4; ++i)
-        for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        __m512 wv[kRows8];
-        if (m0 == 0 && (k & 63) == 0) {
-          // The rows two blocks ahead: more loads in flight than the hardware
-          // prefetcher keeps for four interleaved row streams (one block
-          // ahead streamed a SmolLM2-sized pass 15% slower at one row).
-          for (int r = 0; r < kRows8; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 2 * kRows8 * K), _MM_HINT_T0);
-        }
-        for (int r = 0; r < kRows8; ++r)
-          wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k))));
-        for (int i = 0; i < mt; ++i) {
-          const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
-          for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-        }
-      }
-      if (tail) {
-        __m512 wv[kRows8];
-        for (int r = 0; r < kRows8; ++r)
-          wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-              _mm_maskz_loadu_epi8(tail_mask, wr[r] + k)));
-        for (int i = 0; i < mt; ++i) {
-          const __m512 xv = _mm512_maskz_loadu_ps(tail_mask, x + (m0 + i) * K + k);
-          for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-        }
-      }
-      for (int i = 0; i < mt; ++i)
-        for (int r = 0; r < rows; ++r)
-          out[(m0 + i) * ldo + n + r] =
-              bf16(_mm512_reduce_add_ps(acc[i][r]) * static_cast<float>(scale[n + r]));
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) int8_vnni_block<4>(in, m0, K, wr, rows, scale, out, ldo, n);
+    switch (M - m0) {
+      case 3: int8_vnni_block<3>(in, m0, K, wr, rows, scale, out, ldo, n); break;
+      case 2: int8_vnni_block<2>(in, m0, K, wr, rows, scale, out, ldo, n); break;
+      case 1: int8_vnni_block<1>(in, m0, K, wr, rows, scale, out, ldo, n); break;
+      default: break;
     }
   }
+}
+
+
+// ---- AMX: x's codes as B tiles, the int8 weights as A tiles read in place.
+#define QS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
+constexpr int64_t kTileK = 64;   // k per A tile row (bytes)
+constexpr int64_t kTileN = 16;   // channels per A tile (rows)
+constexpr int64_t kTileM = 16;   // rows of x per B tile (columns of 4 bytes)
+constexpr int64_t kAmxMinRows = 4;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Codes q = 128 h + l split into int8 h and l, laid out as B tiles: for each
+// 16-row m-tile and 64-k chunk, 16 tile rows of 4 consecutive k's per x row.
+struct AmxInput {
+  std::vector<int8_t> hi, lo;
+  int64_t chunks = 0;
+  const int8_t* tile(const std::vector<int8_t>& half, int64_t t, int64_t c) const {
+    return half.data() + (t * chunks + c) * kTileN * 64;
+  }
+};
+
+QS_AMX AmxInput amx_input(const Int8Input& in, int64_t M, int64_t K) {
+  AmxInput a;
+  a.chunks = (K + kTileK - 1) / kTileK;
+  const int64_t tiles = (M + kTileM - 1) / kTileM;
+  a.hi.assign(tiles * a.chunks * kTileN * 64, 0);
+  a.lo.assign(a.hi.size(), 0);
+  // Dword j of a row's 64 codes (k = 4j .. 4j + 3) goes to tile row j.
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(kTileM));
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512i index = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(m % kTileM)));
+    for (int64_t c = 0; c < a.chunks; ++c) {
+      __m256i half[2][2];
+      for (int part = 0; part < 2; ++part) {
+        const __m512i q = _mm512_loadu_si512(in.q.data() + m * in.Kp + c * kTileK + part * 32);
+        const __m512i h = _mm512_srai_epi16(_mm512_add_epi16(q, _mm512_set1_epi16(64)), 7);
+        half[0][part] = _mm512_cvtepi16_epi8(h);
+        half[1][part] = _mm512_cvtepi16_epi8(_mm512_sub_epi16(q, _mm512_slli_epi16(h, 7)));
+      }
+      int8_t* dst[2] = {a.hi.data(), a.lo.data()};
+      for (int which = 0; which < 2; ++which)
+        _mm512_i32scatter_epi32(dst[which] + ((m / kTileM) * a.chunks + c) * kTileN * 64, index,
+                                _mm512_inserti64x4(_mm512_castsi256_si512(half[which][0]),
+                                                   half[which][1], 1),
+                                4);
+    }
+  }
+  return a;
+}
+
+// float(128 h + l) for 8 of 16 lanes (exact in int64, then one rounding).
+template <int Upper>
+QS_AMX inline __m256 amx_total(__m512i h, __m512i l) {
+  const __m512i h64 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(h, Upper));
+  const __m512i l64 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(l, Upper));
+  return _mm512_cvtepi64_ps(_mm512_add_epi64(_mm512_slli_epi64(h64, 7), l64));
+}
+
+// Channels n .. n + 31 (two A tiles; past N they read zeros) against the
+// m-tile t of mt rows; tmm0-3 accumulate (h, l) x (tile 0, tile 1).
+QS_AMX void int8_amx_pair(const Int8Input& in, const AmxInput& a, int64_t t, int64_t mt,
+                          int64_t K, int64_t N, const int8_t* w, const bf16* scale, bf16* out,
+                          int64_t ldo, int64_t n) {
+  alignas(64) int8_t pad[2][kTileN * kTileK];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const int64_t k = c * kTileK;
+    const int8_t* src[2];
+    int64_t stride[2];
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n0 = n + half * kTileN;
+      if (n0 + kTileN <= N && k + kTileK <= K) {
+        src[half] = w + n0 * K + k;
+        stride[half] = K;
+        continue;
+      }
+      // A partial tile: its rows and k's copied into zeros.
+      std::memset(pad[half], 0, sizeof(pad[half]));
+      for (int64_t r = 0; r < kTileN && n0 + r < N; ++r)
+        std::memcpy(pad[half] + r * kTileK, w + (n0 + r) * K + k, std::min(kTileK, K - k));
+      src[half] = pad[half];
+      stride[half] = kTileK;
+    }
+    _tile_loadd(4, src[0], stride[0]);
+    _tile_loadd(5, src[1], stride[1]);
+    _tile_loadd(6, a.tile(a.hi, t, c), 64);
+    _tile_loadd(7, a.tile(a.lo, t, c), 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  alignas(64) int32_t sums[4][kTileN * kTileM];
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+  // int8_result for 16 rows at once, rounding as it does.
+  alignas(64) uint16_t staged[kTileM][2 * kTileN];
+  const __mmask16 live = static_cast<__mmask16>((1u << mt) - 1);
+  const __m512 x_scale = _mm512_maskz_loadu_ps(live, in.scale.data() + t * kTileM);
+  for (int half = 0; half < 2; ++half)
+    for (int64_t r = 0; r < kTileN && n + half * kTileN + r < N; ++r) {
+      const int64_t ch = n + half * kTileN + r;
+      const __m512i h = _mm512_loadu_si512(sums[2 * half] + r * kTileM);
+      const __m512i l = _mm512_loadu_si512(sums[2 * half + 1] + r * kTileM);
+      __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(amx_total<0>(h, l)),
+                                    amx_total<1>(h, l), 1);
+      v = _mm512_mul_ps(_mm512_mul_ps(v, x_scale),
+                        _mm512_set1_ps(static_cast<float>(scale[ch])));
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i bias = _mm512_add_epi32(
+          _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+          _mm512_set1_epi32(0x7FFF));
+      alignas(32) uint16_t rounded[kTileM];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded),
+                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16)));
+      for (int64_t i = 0; i < mt; ++i) staged[i][half * kTileN + r] = rounded[i];
+    }
+  // Whole rows of the pair's 32 channels: a store per channel and row lands
+  // each on its own page at a wide output (the head's) and costs a TLB miss.
+  const int64_t width = std::min<int64_t>(2 * kTileN, N - n);
+  for (int64_t i = 0; i < mt; ++i)
+    std::memcpy(out + (t * kTileM + i) * ldo + n, staged[i], width * sizeof(uint16_t));
+}
+
+// Channels n0 .. n1 (n0 a multiple of 32), every row: each pair's weights
+// are read from memory once, for the first m-tile, and from cache after.
+QS_AMX void int8_amx(const Int8Input& in, const AmxInput& a, int64_t M, int64_t K, int64_t N,
+                     const int8_t* w, const bf16* scale, bf16* out, int64_t ldo, int64_t n0,
+                     int64_t n1) {
+  // Every B and C tile 16 columns wide: columns past M are zeros in B.
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.rows[i] = kTileN;
+    config.colsb[i] = 64;
+  }
+  _tile_loadconfig(&config);
+  for (int64_t n = n0; n < n1; n += 2 * kTileN)
+    for (int64_t t = 0; t * kTileM < M; ++t)
+      int8_amx_pair(in, a, t, std::min(kTileM, M - t * kTileM), K, N, w, scale, out, ldo, n);
+  _tile_release();
+}
+
+// Linux hands a process AMX's tile state only on request.
+bool request_amx() {
+#ifdef __linux__
+  if (!__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("avx512bw")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+
+bool amx_permitted() {
+  static const bool permitted = request_amx();
+  return permitted;
 }
 
 __attribute__((target("avx2,fma")))
@@ -113,35 +378,40 @@ float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// `vpmaddwd` + `vpaddd` over 16 k's: the same integer sums without VNNI.
 __attribute__((target("avx2,fma")))
-void int8_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
+void int8_avx2(const Int8Input& in, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
                bf16* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t body = K - K % 16;
   for (int64_t n = n0; n < n1; n += kRows8) {
     const int rows = static_cast<int>(n1 - n < kRows8 ? n1 - n : kRows8);
     const int8_t* wr[kRows8];
     for (int r = 0; r < kRows8; ++r) wr[r] = w + (n + (r < rows ? r : 0)) * K;
     for (int64_t m0 = 0; m0 < M; m0 += 2) {
       const int mt = static_cast<int>(M - m0 < 2 ? M - m0 : 2);
-      __m256 acc[2][kRows8];
+      __m256i acc[2][kRows8];
       for (int i = 0; i < 2; ++i)
-        for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) {
-        __m256 wv[kRows8];
+        for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm256_setzero_si256();
+      for (int64_t k = 0; k < body; k += 16) {
+        __m256i wv[kRows8];
         for (int r = 0; r < kRows8; ++r)
-          wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[r] + k))));
+          wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k)));
         for (int i = 0; i < mt; ++i) {
-          const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
-          for (int r = 0; r < kRows8; ++r) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
+          const __m256i xv = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(in.q.data() + (m0 + i) * in.Kp + k));
+          for (int r = 0; r < kRows8; ++r)
+            acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(xv, wv[r]));
         }
       }
       for (int i = 0; i < mt; ++i)
         for (int r = 0; r < rows; ++r) {
-          float s = hsum256(acc[i][r]);
-          for (int64_t kk = k; kk < K; ++kk)
-            s += x[(m0 + i) * K + kk] * static_cast<float>(wr[r][kk]);
-          out[(m0 + i) * ldo + n + r] = bf16(s * static_cast<float>(scale[n + r]));
+          alignas(32) int32_t lanes[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i][r]);
+          const int16_t* q = in.q.data() + (m0 + i) * in.Kp;
+          int64_t total = 0;
+          for (int l = 0; l < 8; ++l) total += lanes[l];
+          for (int64_t k = body; k < K; ++k) total += int32_t{q[k]} * int32_t{wr[r][k]};
+          out[(m0 + i) * ldo + n + r] = int8_result(total, in.scale[m0 + i], scale[n + r]);
         }
     }
   }
@@ -378,17 +648,57 @@ void bf16_avx2(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16* b
 
 Isa isa() { return kIsa; }
 
-void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-                 bf16* out, int64_t ldo, int64_t N) {
+namespace {
+
+bool int8_runs(Int8Path path) {
+#ifdef QS_X86
+  switch (path) {
+    case Int8Path::amx: return amx_permitted();
+    case Int8Path::vnni: return kIsa >= Isa::avx512 && __builtin_cpu_supports("avx512vnni");
+    case Int8Path::avx2: return kIsa >= Isa::avx2;
+    default: break;
+  }
+#endif
+  return path == Int8Path::scalar;
+}
+
+Int8Path best_int8_path() {
+  for (Int8Path path : {Int8Path::amx, Int8Path::vnni, Int8Path::avx2})
+    if (int8_runs(path)) return path;
+  return Int8Path::scalar;
+}
+
+// Lowered only to compare the paths (tests, benchmarks).
+std::atomic<int64_t> int8_path{static_cast<int64_t>(best_int8_path())};
+
+}  // namespace
+
+void int8_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const int8_t* w,
+                 const bf16* scale, bf16* out, int64_t ldo, int64_t N) {
+  const Int8Input in = quantize_rows(x, lda, M, K);
+  auto path = static_cast<Int8Path>(int8_path.load());
+#ifdef QS_X86
+  // AMX streams weights at ~60% of VNNI's rate (tile loads wait on memory),
+  // so it pays from a few rows on; both give the same bits.
+  if (path == Int8Path::amx && M < kAmxMinRows) path = Int8Path::vnni;
+  if (path == Int8Path::amx) {
+    const AmxInput a = amx_input(in, M, K);
+    const int64_t pairs = (N + 2 * kTileN - 1) / (2 * kTileN);
+    at::parallel_for(0, pairs, 2, [&](int64_t p0, int64_t p1) {
+      int8_amx(in, a, M, K, N, w, scale, out, ldo, p0 * 2 * kTileN, std::min(N, p1 * 2 * kTileN));
+    });
+    return;
+  }
+#endif
   auto kernel = int8_scalar;
 #ifdef QS_X86
-  if (kIsa >= Isa::avx512) kernel = int8_avx512;
-  else if (kIsa == Isa::avx2) kernel = int8_avx2;
+  if (path == Int8Path::vnni) kernel = int8_vnni;
+  else if (path == Int8Path::avx2) kernel = int8_avx2;
 #endif
   // Blocks of whole register blocks; ~16 KiB of weights per task at K = 576.
   const int64_t blocks = (N + kRows8 - 1) / kRows8;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    kernel(x, M, K, w, scale, out, ldo, b0 * kRows8, std::min(N, b1 * kRows8));
+    kernel(in, M, K, w, scale, out, ldo, b0 * kRows8, std::min(N, b1 * kRows8));
   });
 }
 
@@ -448,14 +758,6 @@ void bf16_matmul(const bf16* x, int64_t M, int64_t K, const bf16* w, const bf16*
 
 namespace {
 
-std::vector<float> to_float(const at::Tensor& x) {
-  const int64_t count = x.numel();
-  std::vector<float> xf(count);
-  const bf16* src = x.data_ptr<bf16>();
-  for (int64_t i = 0; i < count; ++i) xf[i] = static_cast<float>(src[i]);
-  return xf;
-}
-
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kChar &&
@@ -465,8 +767,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  const std::vector<float> xf = to_float(x);
-  int8_matmul(xf.data(), M, K, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(),
+  int8_matmul(x.data_ptr<bf16>(), K, M, K, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(),
               out.data_ptr<bf16>(), N, N);
   return out;
 }
@@ -499,6 +800,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t gr
 
 int64_t isa_level() { return static_cast<int64_t>(kIsa); }
 
+// Selects the int8 kernel (an Int8Path) if this CPU runs it; returns the one in
+// effect before, or -1 (nothing changed) if it cannot.
+int64_t set_int8_path(int64_t path) {
+  if (path < 0 || path > static_cast<int64_t>(Int8Path::amx) ||
+      !int8_runs(static_cast<Int8Path>(path)))
+    return -1;
+  return int8_path.exchange(path);
+}
+
+int64_t best_int8() { return static_cast<int64_t>(best_int8_path()); }
+
 }  // namespace
 }  // namespace qs
 
@@ -506,6 +818,8 @@ TORCH_LIBRARY(quantserve, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
   m.def("isa_level() -> int", &qs::isa_level);
+  m.def("set_int8_path(int path) -> int", &qs::set_int8_path);
+  m.def("best_int8_path() -> int", &qs::best_int8);
 }
 
 TORCH_LIBRARY_IMPL(quantserve, CPU, m) {

@@ -23,9 +23,10 @@ Isa isa();
 // N output channels, in parallel over blocks of channels. Every channel's sum
 // runs in the same order whatever M, the blocking or the thread count.
 
-// W int8 [N, K] row-major with a bf16 scale per channel; x float32 [M, K].
-void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const bf16* scale,
-                 bf16* out, int64_t ldo, int64_t N);
+// W int8 [N, K] row-major with a bf16 scale per channel; x bf16 [M, K] with
+// row stride lda, each row quantised to int16 with one scale (see lowbit.cpp).
+void int8_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const int8_t* w,
+                 const bf16* scale, bf16* out, int64_t ldo, int64_t N);
 
 // One int4 weight over inputs offset .. offset + k of x: torch's CPU int4
 // packing (N a multiple of 64), groups of group_size inputs with bf16

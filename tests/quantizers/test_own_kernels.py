@@ -50,6 +50,51 @@ def test_int8_kernel_matches_dequantised_float(k: int, n: int, rows: int) -> Non
 
 
 @needs_kernels
+@pytest.mark.parametrize("outlier", [1.0, 200.0])
+def test_int8_kernels_quantised_inputs_cost_less_than_the_bf16_output(outlier: float) -> None:
+    # x's rows become 15-bit codes: even a column 200x the others' scale adds
+    # next to nothing to the bf16 rounding of the exact result
+    q, scale = quantize_per_channel_symmetric(weight(300, 1536))
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(8, 1536)
+    x[:, 5] *= outlier
+    x = x.to(torch.bfloat16)
+    exact = x.float() @ dequantize_per_channel(q, scale.float()).t()
+    rounding = relative_error(exact.to(torch.bfloat16), exact)
+    out = torch.ops.quantserve.int8_linear(x, q, scale)
+    assert rounding < relative_error(out, exact) < 1.1 * rounding
+
+
+@needs_kernels
+@pytest.mark.parametrize(("k", "n"), [(576, 200), (100, 37), (1536, 64), (24, 5)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 17, 33])
+def test_every_int8_path_gives_the_same_bits(k: int, n: int, rows: int) -> None:
+    # integer sums are exact: scalar, AVX2, VNNI and AMX agree to the bit, so
+    # the kernel may pick its path by row count without a row depending on it
+    paths = kernels.int8_paths()
+    assert paths[0] == "scalar"
+    if kernels.isa() != "scalar":
+        assert "avx2" in paths
+    q, scale = quantize_per_channel_symmetric(weight(n, k))
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    outs = {}
+    for path in paths:
+        with kernels.int8_path(path):
+            outs[path] = torch.ops.quantserve.int8_linear(x, q, scale)
+    for path, out in outs.items():
+        assert torch.equal(out, outs["scalar"]), path
+
+
+@needs_kernels
+def test_an_unknown_int8_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="'sse'"), kernels.int8_path("sse"):
+        pass
+    assert torch.ops.quantserve.set_int8_path(len(kernels.INT8_PATHS)) == -1
+    assert kernels.int8_paths()[-1] == kernels.INT8_PATHS[torch.ops.quantserve.best_int8_path()]
+
+
+@needs_kernels
 def test_int8_kernel_rows_do_not_depend_on_the_batch() -> None:
     q, scale = quantize_per_channel_symmetric(weight(200, 576))
     scale = scale.to(torch.bfloat16)
