@@ -178,6 +178,13 @@ def int8_path(name: str) -> Iterator[None]:
         torch.ops.quantserve.set_int8_path(before)
 
 
+def int8_kernel_rows() -> int:
+    """Rows from which casting an int8 weight to bfloat16 for a bfloat16 matmul
+    beats the int8 kernel (bench/kernels_bench.py, SmolLM2's shapes): with AMX
+    the kernel leads to ~256 rows, on the vector paths (and torch's) to ~32."""
+    return 256 if int8_paths()[-1:] == ["amx"] else 32
+
+
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """bf16 x [M, K] @ (int8 weight [N, K] * scale [N]).T on CPU, bf16 [M, N]."""
     if available():

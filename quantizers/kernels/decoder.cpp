@@ -232,6 +232,82 @@ QS_AVX512 void attend_avx512(const bf16* q, int64_t hd, const bf16* k, const bf1
   }
 }
 
+// attend_avx512 for G query heads sharing one KV head, head_dim 16 C: each
+// key and value row is read and widened once for the G heads (and fetched
+// ahead: rows of a paged cache are strided, which the hardware prefetcher
+// follows poorly). Each head's arithmetic is attend_avx512's, in its order.
+template <int G, int C>
+QS_AVX512 void attend_group(const bf16* q, const bf16* k, const bf16* v, int64_t kv_stride,
+                            const std::vector<int64_t>& slots, float scale, bf16* out,
+                            std::vector<float>& scores) {
+  constexpr int64_t hd = 16 * C, ahead = 8;
+  const int64_t n = static_cast<int64_t>(slots.size());
+  scores.resize(G * n);
+  __m512 qv[G][C], acc[G][C];
+  float top[G];
+  for (int g = 0; g < G; ++g) {
+    top[g] = -std::numeric_limits<float>::infinity();
+    for (int c = 0; c < C; ++c) {
+      qv[g][c] = _mm512_mul_ps(widen16(q + g * hd + 16 * c), _mm512_set1_ps(scale));
+      acc[g][c] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + ahead < n)
+      for (int64_t b = 0; b < 2 * hd; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(k + slots[j + ahead] * kv_stride) + b,
+                     _MM_HINT_T0);
+    const bf16* kr = k + slots[j] * kv_stride;
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = widen16(kr + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) dot = _mm512_fmadd_ps(qv[g][c], kv[c], dot);
+      const float score = _mm512_reduce_add_ps(dot);
+      scores[g * n + j] = score;
+      top[g] = score > top[g] ? score : top[g];
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* row = scores.data() + g * n;
+    const __m512 peak = _mm512_set1_ps(top[g]);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 live = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + j), peak));
+      _mm512_mask_storeu_ps(row + j, live, e);
+      total = _mm512_mask_add_ps(total, live, total, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(total);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + ahead < n)
+      for (int64_t b = 0; b < 2 * hd; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(v + slots[j + ahead] * kv_stride) + b,
+                     _MM_HINT_T0);
+    const bf16* vr = v + slots[j] * kv_stride;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = widen16(vr + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + j] * inv[g]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+    }
+  }
+  alignas(64) float buf[16];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) {
+      _mm512_store_ps(buf, acc[g][c]);
+      for (int d = 0; d < 16; ++d) out[g * hd + 16 * c + d] = round_bf16(buf[d]);
+    }
+}
+
+// The widest attend_group that fits the registers for head_dim hd (0: none).
+int group_width(int64_t hd) { return hd == 64 ? 4 : hd == 128 ? 2 : 0; }
+
+#endif
+
+#ifdef QS_X86
 // silu_one over 16 lanes at a time.
 QS_AVX512 void silu_avx512(const bf16* gate, int64_t n, float* out) {
   int64_t i = 0;
@@ -252,6 +328,36 @@ void attend(const bf16* q, int64_t hd, const bf16* k, const bf16* v, int64_t kv_
     return attend_avx512(q, hd, k, v, kv_stride, slots, scale, out, scores);
 #endif
   attend_scalar(q, hd, k, v, kv_stride, slots, scale, out, scores);
+}
+
+// `count` consecutive query heads (q and out hd apart) over one KV head.
+void attend_heads(const bf16* q, int64_t count, int64_t hd, const bf16* k, const bf16* v,
+                  int64_t kv_stride, const std::vector<int64_t>& slots, float scale, bf16* out,
+                  std::vector<float>& scores) {
+#ifdef QS_X86
+  const int width = isa() >= Isa::avx512 ? group_width(hd) : 0;
+  for (int64_t h = 0; width && h < count;) {
+    const int64_t g = std::min<int64_t>(width, count - h);
+    const bf16* qh = q + h * hd;
+    bf16* oh = out + h * hd;
+    if (hd == 64) {
+      switch (g) {
+        case 4: attend_group<4, 4>(qh, k, v, kv_stride, slots, scale, oh, scores); break;
+        case 3: attend_group<3, 4>(qh, k, v, kv_stride, slots, scale, oh, scores); break;
+        case 2: attend_group<2, 4>(qh, k, v, kv_stride, slots, scale, oh, scores); break;
+        default: attend_group<1, 4>(qh, k, v, kv_stride, slots, scale, oh, scores); break;
+      }
+    } else if (g == 2) {
+      attend_group<2, 8>(qh, k, v, kv_stride, slots, scale, oh, scores);
+    } else {
+      attend_group<1, 8>(qh, k, v, kv_stride, slots, scale, oh, scores);
+    }
+    h += g;
+    if (h == count) return;
+  }
+#endif
+  for (int64_t h = 0; h < count; ++h)
+    attend(q + h * hd, hd, k, v, kv_stride, slots, scale, out + h * hd, scores);
 }
 
 void silu(const bf16* gate, int64_t n, float* out) {
@@ -454,14 +560,18 @@ class LlamaDecoder : public torch::CustomClassHolder {
         std::copy(qk + heads_ * hd, qk + qk_width, k_layer + slot * kv_width);
         std::copy(qk + qk_width, qk + qk_width + kv_width, v_layer + slot * kv_width);
       }
-      // One task per query head: more tasks than KV heads balance the threads.
-      at::parallel_for(0, B * heads_, 1, [&](int64_t t0, int64_t t1) {
+      // A task per sequence and KV head reads its keys once for the group's
+      // query heads; with too few such tasks to balance the threads, a task
+      // per query head.
+      const int64_t per_task = B * kv_heads_ >= 2 * at::get_num_threads() ? group : 1;
+      at::parallel_for(0, B * heads_ / per_task, 1, [&](int64_t t0, int64_t t1) {
         std::vector<float> scores;
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / heads_, head = t % heads_, kh = head / group;
-          attend(qkv.data() + b * qkv_slot.width + head * hd, hd, k_layer + kh * hd,
-                 v_layer + kh * hd, kv_width, keys[b], scaling_,
-                 attn.data() + (b * heads_ + head) * hd, scores);
+          const int64_t b = t * per_task / heads_, head = t * per_task % heads_;
+          const int64_t kh = head / group;
+          attend_heads(qkv.data() + b * qkv_slot.width + head * hd, per_task, hd,
+                       k_layer + kh * hd, v_layer + kh * hd, kv_width, keys[b], scaling_,
+                       attn.data() + (b * heads_ + head) * hd, scores);
         }
       });
       run_slot(layer.slots[kO], attn.data(), B, out.data(), scratch, rs);

@@ -4,9 +4,9 @@ On CPU, for few rows (decode), the matmul is quantserve's own kernel
 (`quantizers/kernels`; torch's `_weight_int8pack_mm` where it cannot be built),
 which reads the int8 weight directly (a quarter of the float32 bytes) and is
 2-7x faster than a bfloat16 matmul at one row. Its cost grows linearly with the
-rows, though: from 32 rows on (prefill) it is slower than casting the int8
-weight to bfloat16 in row chunks and running a bfloat16 matmul
-(bench/kernels_bench.py), so that path is taken there. Both give the same
+rows, though: from `kernels.int8_kernel_rows()` rows on (256 with AMX, else 32;
+long prompts' prefill) casting the int8 weight to bfloat16 in row chunks for a
+bfloat16 matmul is faster (bench/kernels_bench.py), so that path is taken there. Both give the same
 result up to bfloat16 rounding. On CUDA the cast + matmul is always used, as in
 gpt-fast, where the compiled decode step may fuse the cast into the matmul's
 read (unmeasured here); whether torch's `_weight_int8pack_mm` has a faster
@@ -32,10 +32,8 @@ from quantizers.runtime.base import (
 )
 from quantizers.runtime.embedding import Int8Embedding
 
-# Rows from which casting the weight and a bfloat16 matmul beat the int8 kernel
-# on CPU (measured at SmolLM2's shapes); output rows cast per chunk, so the
-# bfloat16 copy of a chunk stays in cache.
-DEQUANT_MIN_ROWS = 32
+# From kernels.int8_kernel_rows() rows on, the weight is cast to bfloat16 per
+# chunk of output rows (so the copy of a chunk stays in cache) for a bf16 matmul.
 DEQUANT_CHUNK = 2048
 
 
@@ -100,7 +98,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = as_matrix(x, self.in_features)
-        if x2.device.type == "cpu" and x2.shape[0] < DEQUANT_MIN_ROWS:
+        if x2.device.type == "cpu" and x2.shape[0] < kernels.int8_kernel_rows():
             out = kernels.int8_linear(x2, self.weight, self.scale)
         else:
             out = dequantized_matmul(x2, self.weight, self.scale)
