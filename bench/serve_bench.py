@@ -471,6 +471,7 @@ def served_load(base_url: str, model: str, clients: int, rounds: int, tokens: in
                 model=model, prompt=f"Write a long story about {topic}.\n\n",
                 max_tokens=tokens, temperature=0.0, stream=True,
                 extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True},
             )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:

@@ -33,7 +33,7 @@ from quantizers.lora import LoraAdapter
 from server.engine.adapters import AdapterRegistry, Resident
 from server.engine.lora import AdapterMismatch
 from server.engine.runner_choice import RunnerMode
-from server.engine.sampling import choose_tokens, prompt_logprobs
+from server.engine.sampling import Choice, choose_tokens, prompt_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.served_model import CompileMode
@@ -364,8 +364,50 @@ class Engine:
         with self._lock:
             admitted = self._scheduler.admit()
             self._sync_adapters()
+        for batch in self._prefill_batches(admitted):
+            if len(batch) == 1:
+                self._prefill(batch[0])
+            else:
+                self._prefill_packed(batch)
+
+    def _prefill_batches(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        """The admitted in order, short new prompts of one model packed together
+        up to its runner's `pack_rows` tokens (one pass through the weights
+        instead of one per prompt), every other sequence alone."""
+        batches: list[list[Sequence]] = []
+        open_batch: list[Sequence] = []
+        rows = 0
         for sequence in admitted:
-            self._prefill(sequence)
+            tokens = 0
+            if not sequence.preempted and not sequence.request.prompt_logprobs:
+                tokens = self._worker.packable(sequence)
+            if tokens == 0:
+                batches.append([sequence])
+                continue
+            fits = bool(open_batch) and open_batch[0].model is sequence.model
+            if not fits or rows + tokens > sequence.model.runner.pack_rows:
+                open_batch, rows = [], 0
+                batches.append(open_batch)
+            open_batch.append(sequence)
+            rows += tokens
+        return batches
+
+    def _prefill_packed(self, batch: list[Sequence]) -> None:
+        now = time.perf_counter()
+        for sequence in batch:
+            sequence.admitted = now
+        try:
+            logits = self._worker.prefill_packed(batch)
+            choices = choose_tokens(
+                logits, [s.params for s in batch], [s.generator for s in batch]
+            )
+        except Exception as exc:  # a broken model must fail the requests, not the worker
+            log.exception("packed prefill failed for %d sequences", len(batch))
+            for sequence in batch:
+                self._retire(sequence, "error", str(exc))
+            return
+        for sequence, choice in zip(batch, choices, strict=True):
+            self._first_token(sequence, choice)
 
     def _prefill(self, sequence: Sequence) -> None:
         recompute = sequence.preempted
@@ -383,6 +425,10 @@ class Engine:
             log.exception("prefill failed for %s", sequence.request.request_id)
             self._retire(sequence, "error", str(exc))
             return
+        self._first_token(sequence, choice)
+
+    def _first_token(self, sequence: Sequence, choice: Choice) -> None:
+        """Count a fresh prefill's prompt and take the token it chose."""
         self._prompt_total += sequence.prompt_len
         self._generated_total += 1
         reason = sequence.accept(choice, sequence.model.max_seq_len)

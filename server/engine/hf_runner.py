@@ -153,6 +153,8 @@ def column_major_linears(model: nn.Module) -> int:
 class GeneralRunner:
     """Prefill and batched decode of any transformers causal LM over a KV cache it is handed."""
 
+    pack_rows = 0  # prefills one sequence at a time
+
     def __init__(self, model: nn.Module) -> None:
         column_major_linears(model)
         self.model = model

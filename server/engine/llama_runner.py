@@ -30,6 +30,7 @@ runner calls the model's own modules (so quantised drop-in replacements of
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,23 @@ from server.engine.kv_cache import KVCache, KVSpec
 from server.engine.projections import Projection
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# A packed prefill's most tokens, by preference (int8's kernel computes rows on
+# their own up to kernels.int8_kernel_rows(): 256 with AMX, else 32; int4's to 32).
+PACK_ROWS = (128, 31)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One sequence's part of a prefill: its tokens' slots, the first computed
+    (`start`), its rows `lo:hi` in the step's activations, mask and rotary."""
+
+    rows: torch.Tensor
+    start: int
+    lo: int
+    hi: int
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class UnsupportedModelError(ValueError):
@@ -143,6 +161,7 @@ class LlamaRunner:
         half = self.head_dim // 2
         self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.key_positions = torch.arange(max_seq_len, device=self.device)
+        self.pack_rows = self._pack_rows() if prepare else 0
         self._step = self._decode_step
         self.native: native_decode.NativeDecoder | None = None
         if self.native_unsupported is None:
@@ -150,6 +169,32 @@ class LlamaRunner:
                 self.native = native_decode.NativeDecoder(self)
             except (ValueError, RuntimeError) as exc:  # a layout the checks did not foresee
                 self.native_unsupported = str(exc)
+
+    @torch.inference_mode()
+    def _pack_rows(self) -> int:
+        """Most tokens `prefill_packed` takes (0: it is not used): the first of
+        PACK_ROWS at which each kind of projection computes the leading and
+        trailing rows of a batch as it computes them alone, at row counts
+        around every power of two below. quantserve's int8 and int4 CPU
+        kernels compute every row on its own; oneDNN's bf16 matmul and torch's
+        int4 kernel (from 32 rows) block by row count."""
+        generator = torch.Generator().manual_seed(0)
+        probes = [self.qkv[0], self.o_proj[0], self.gate_up[0], self.down[0], self.lm_head]
+        for rows in PACK_ROWS:
+            counts = sorted({c for p in range(8) for c in (2**p - 1, 2**p, 2**p + 1) if c < rows})
+            for probe in probes:
+                x = torch.randn(rows, int(probe.modules[0].in_features), generator=generator)
+                x = x.to(self.dtype).to(self.device)
+                together = probe.joint(x)
+                if not all(
+                    torch.equal(together[:c], probe.joint(x[:c]))
+                    and torch.equal(together[rows - c :], probe.joint(x[rows - c :]))
+                    for c in counts
+                ):
+                    break
+            else:
+                return rows
+        return 0
 
     @property
     def kv_spec(self) -> KVSpec:
@@ -211,48 +256,91 @@ class LlamaRunner:
         ]
         return torch.cat(parts) if all_logits else parts[-1]
 
+    @torch.inference_mode()
+    def prefill_packed(
+        self, cache: KVCache, prompts: list[tuple[list[int], list[int]]]
+    ) -> torch.Tensor:
+        """Prefill several sequences from scratch in one pass: `prompts` holds
+        each one's `(block_ids, token_ids)`. Their tokens run through every
+        projection as one matmul; attention stays per sequence. With at most
+        `pack_rows` tokens in all, every logit is the one its sequence's own
+        `prefill` computes. Returns float32 logits `[len(prompts), vocab]`,
+        each sequence's last position's."""
+        total = sum(len(tokens) for _, tokens in prompts)
+        if not 0 < total <= self.pack_rows:
+            raise ValueError(f"a packed prefill of {total} tokens (at most {self.pack_rows})")
+        hidden = self._prefill_spans(cache, [(blocks, tokens, 0) for blocks, tokens in prompts])
+        ends = torch.tensor([len(tokens) for _, tokens in prompts], device=self.device).cumsum(0)
+        return self._logits(hidden[ends - 1])
+
     def _prefill_span(
         self, cache: KVCache, block_ids: list[int], token_ids: list[int], start: int,
         all_logits: bool,
     ) -> torch.Tensor:
         """`token_ids[start:]` through every layer, over the pool's keys of
         `token_ids[:start]`."""
-        total = len(token_ids)
-        length = total - start
-        ids = torch.tensor(token_ids[start:], dtype=torch.long, device=self.device)
-        rows = cache.slot_rows(block_ids, total)
+        x = self._prefill_spans(cache, [(block_ids, token_ids, start)])
+        return self._logits(x if all_logits else x[-1:])
+
+    def _prefill_spans(
+        self, cache: KVCache, spans: list[tuple[list[int], list[int], int]]
+    ) -> torch.Tensor:
+        """Each span's `token_ids[start:]` through every layer, over the pool's
+        keys of its `token_ids[:start]`: the spans' rows side by side through
+        the projections, attention per span. Returns the final hidden rows."""
+        ids = torch.tensor(
+            [t for _, tokens, start in spans for t in tokens[start:]],
+            dtype=torch.long, device=self.device,
+        )
+        views: list[_Span] = []
+        for block_ids, tokens, start in spans:
+            lo = views[-1].hi if views else 0
+            views.append(self._span(cache, block_ids, len(tokens), start, lo))
+        x = self.embed(ids)
+        for index in range(len(self.layers)):
+            qkv = self._qkv_rows(index, x)
+            outs = [self._span_attention(cache, index, qkv, view) for view in views]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + self.o_proj[index].joint(out)
+            x = x + self._post_attention_rows(index, x)
+        return x
+
+    def _span(self, cache: KVCache, block_ids: list[int], total: int, start: int, lo: int) -> _Span:
         # Query start + i sees keys 0..start + i.
         mask = (
             self.key_positions[:total][None]
             <= torch.arange(start, total, device=self.device)[:, None]
         )
-        x = self.embed(ids)
-        cos = self.cos[start:total][None, None]
-        sin = self.sin[start:total][None, None]
+        return _Span(
+            rows=cache.slot_rows(block_ids, total), start=start, lo=lo, hi=lo + total - start,
+            mask=mask, cos=self.cos[start:total][None, None], sin=self.sin[start:total][None, None],
+        )
+
+    def _span_attention(
+        self, cache: KVCache, index: int, qkv: torch.Tensor, span: _Span
+    ) -> torch.Tensor:
+        """One span's attention in layer `index` (its keys and values written to
+        the pool first): `[length, heads * head_dim]`."""
+        length = span.hi - span.lo
         q_width = self.num_heads * self.head_dim
         kv_width = self.num_kv_heads * self.head_dim
-        for index in range(len(self.layers)):
-            k_cache, v_cache = cache.k[index], cache.v[index]
-            q, k, v = self._qkv_rows(index, x).split((q_width, kv_width, kv_width), dim=-1)
-            q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            k_cache.index_copy_(0, rows[start:], k[0].transpose(0, 1))
-            v_cache.index_copy_(0, rows[start:], v[0].transpose(0, 1))
-            # Keys as one contiguous [1, kv_heads, T, head_dim] tensor either way:
-            # attention's kernel path depends on the layout, and so do its numbers.
-            prefix = rows[:start]
-            k = torch.cat([k_cache.index_select(0, prefix).transpose(0, 1)[None], k], dim=2)
-            v = torch.cat([v_cache.index_select(0, prefix).transpose(0, 1)[None], v], dim=2)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.group > 1,
-            ).transpose(1, 2).reshape(length, -1)
-            x = x + self.o_proj[index].joint(out)
-            x = x + self._post_attention_rows(index, x)
-        return self._logits(x if all_logits else x[-1:])
-
+        q, k, v = qkv[span.lo : span.hi].split((q_width, kv_width, kv_width), dim=-1)
+        q = q.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(1, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * span.cos + _rotate_half(q) * span.sin
+        k = k * span.cos + _rotate_half(k) * span.sin
+        k_cache, v_cache = cache.k[index], cache.v[index]
+        k_cache.index_copy_(0, span.rows[span.start :], k[0].transpose(0, 1))
+        v_cache.index_copy_(0, span.rows[span.start :], v[0].transpose(0, 1))
+        # Keys as one contiguous [1, kv_heads, T, head_dim] tensor either way:
+        # attention's kernel path depends on the layout, and so do its numbers.
+        prefix = span.rows[: span.start]
+        k = torch.cat([k_cache.index_select(0, prefix).transpose(0, 1)[None], k], dim=2)
+        v = torch.cat([v_cache.index_select(0, prefix).transpose(0, 1)[None], v], dim=2)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=span.mask, scale=self.scaling, enable_gqa=self.group > 1,
+        ).transpose(1, 2).reshape(length, -1)
     @torch.inference_mode()
     def decode(
         self, cache: KVCache, token_ids: torch.Tensor, positions: list[int],

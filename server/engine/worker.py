@@ -144,6 +144,35 @@ class Worker:
         sequence.cache_len = len(tokens)
         return logits
 
+    @staticmethod
+    def packable(sequence: Running) -> int:
+        """The tokens `sequence` adds to a packed prefill, or 0 if it cannot
+        join one: it needs its whole prompt computed in one chunk, no adapter,
+        and a runner whose projections compute rows together as alone."""
+        allocation = sequence.allocation
+        pool = sequence.model.pool
+        if allocation is None or pool is None or sequence.adapter_uid is not None:
+            return 0
+        tokens = len(sequence.prefill_tokens())
+        limit = min(sequence.model.runner.pack_rows, pool.chunk_tokens)
+        return tokens if allocation.cached_tokens == 0 and tokens <= limit else 0
+
+    def prefill_packed(self, batch: list[Running]) -> torch.Tensor:
+        """Prefill `batch` (one model, each `packable`, together within its
+        runner's `pack_rows`) in one pass; float32 logits `[B, vocab]`, each
+        sequence's last prompt position's."""
+        served = batch[0].model
+        pool = served.pool
+        assert pool is not None and all(s.allocation is not None for s in batch)
+        prompts = [(s.block_ids, s.prefill_tokens()) for s in batch]
+        served.lora.state.select([None], single=True)
+        logits = served.runner.prefill_packed(pool.cache, prompts)
+        for sequence, (_, tokens) in zip(batch, prompts, strict=True):
+            assert sequence.allocation is not None
+            pool.blocks.publish(sequence.allocation)
+            sequence.cache_len = len(tokens)
+        return logits
+
     def decode(self, batch: list[Running]) -> torch.Tensor:
         """One token for every sequence of `batch` (one model); float32 logits `[B, vocab]`."""
         served = batch[0].model
