@@ -35,35 +35,35 @@ from quantizers.runtime import (  # noqa: E402 - after the repo root is importab
 )
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
-ROWS = [1, 4, 16, 512]
+ROWS = [1, 4, 16, 128, 512]
 SECTION = "## Kernels"
 FINDINGS = [
     "What the runtime does with this (decided from these measurements):",
     "",
-    "- Decode sizes (M < 32) run quantserve's own kernels (`quantizers/kernels`,",
-    "  the `int8 module` / `int4 g128` columns; `(stock)` is the same module on",
-    "  torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`). int8: a",
-    "  fused int8 -> float32 FMA over 4 output rows at a time with software",
-    "  prefetch, faster than torch's at every decode size measured. int4: reads",
-    "  torch's CPU packing as it is (no artifact change) and multiplies two k at",
-    "  once with AVX512-BF16 `vdpbf16ps`: faster at M = 1 on the layer shapes,",
-    "  ~0.8x of torch's at M = 4-16 (its fixed row tile of 4 does not amortise",
-    "  the nibble unpack as well), so batched int4 decode pays for batch-1 speed.",
-    "  One kernel for every decode size keeps a sequence's logits independent of",
-    "  its batch. torchao 0.18 offers nothing else to run here: its int8/int4",
-    "  weight-only CPU paths call these same aten kernels, and its `da8w4` CPU",
-    "  kernel lives in a C++ extension this wheel does not ship for CPU.",
-    "- `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` cost grows linearly",
-    "  with M: from M = 8 they are at best on par with a bfloat16 matmul and at",
-    "  M = 128 about 3x slower (still faster than float32). `Int8WeightOnlyLinear`",
-    "  therefore switches from 32 rows to casting its int8 weight to bfloat16 in",
-    "  chunks of 2048 output rows plus a bfloat16 matmul (prefill).",
-    "- int4 has no such escape: its CPU packing is opaque, and keeping a second,",
-    "  unpacked copy would double its bytes. int4 prefill stays on the kernel, ~0.35-0.6x",
-    "  of bfloat16 float at M = 128 but faster than float32.",
-    "- W8A8 on `torch._int_mm` is on par with or faster than bfloat16 from M = 8 and",
-    "  the fastest path at M = 128; at M = 1 on the small shapes the per-token",
-    "  activation quantisation costs more than it saves (0.6-0.9x of bfloat16).",
+    "- int8 (`int8 module`): quantserve's own kernel (`quantizers/kernels/lowbit.cpp`)",
+    "  below `kernels.int8_kernel_rows()` rows. It quantises each activation row",
+    "  to 15-bit integer codes (one scale per row; the rounding stays below the",
+    "  bf16 rounding the output carries, tested with a 200x outlier column) and",
+    "  sums exact integer products: AMX `tdpbssd` on the int8 weight tiles as",
+    "  they lie in memory from 4 rows (the codes as two int8 halves),",
+    "  AVX512-VNNI `vpdpwssd` below that and where there is no AMX, AVX2",
+    "  `vpmaddwd` elsewhere. Every path gives the same bits, so a row's result",
+    "  depends neither on its batch nor on the path its batch size picks.",
+    "  `int8 module (vnni)` is the same module held to the VNNI path: what a CPU",
+    "  without AMX runs. From `int8_kernel_rows()` rows (256 with AMX, else 32)",
+    "  the module casts its int8 weight to bfloat16 in chunks of 2048 output rows",
+    "  for a bfloat16 matmul. `(stock)` is the module on torch's",
+    "  `_weight_int8pack_mm` (where the kernels cannot be built).",
+    "- int4 (`int4 g128`): the own kernel below 32 rows reads torch's CPU packing",
+    "  as it is (no artifact change) and multiplies two k at once with",
+    "  AVX512-BF16 `vdpbf16ps`; from 32 rows torch's `_weight_int4pack_mm_for_cpu`.",
+    "  Its packing is opaque and a second, unpacked copy would double its bytes,",
+    "  so int4 has no cast-and-matmul escape at prefill.",
+    "- torchao 0.18 offers nothing else to run here: its int8/int4 weight-only CPU",
+    "  paths call the same aten kernels, and its `da8w4` CPU kernel lives in a C++",
+    "  extension this wheel does not ship for CPU.",
+    "- W8A8 on `torch._int_mm` quantises activations to 8 bits per token: a",
+    "  method with its own measured quality, not a kernel choice of the int8 one.",
 ]
 
 
@@ -95,15 +95,30 @@ def on_stock(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return call
 
 
+def on_int8_path(module: nn.Module, path: str) -> Callable[[Tensor], Tensor]:
+    """The module's forward with the own int8 kernel held to `path`."""
+
+    def call(x: Tensor) -> Tensor:
+        with kernels.int8_path(path):
+            return module(x)
+
+    return call
+
+
 def candidates(linear: nn.Linear) -> dict[str, Callable[[Tensor], Tensor]]:
     """The raw int8 kernel and every runtime module (which picks its path by rows),
-    the weight-only ones also on torch's stock kernels."""
+    the weight-only ones also on torch's stock kernels, and int8 also on the
+    VNNI path where AMX is the default."""
     low, high = -4.0, 4.0
     int8 = Int8WeightOnlyLinear.from_float(linear)
     int4 = Int4WeightOnlyLinear.from_float(linear, 128)
+    lowered = {}
+    if kernels.int8_paths()[-2:] == ["vnni", "amx"]:
+        lowered = {"int8 module (vnni)": on_int8_path(int8, "vnni")}
     return {
         "int8 kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x, int8.weight, int8.scale),
         "int8 module (stock)": on_stock(int8),
+        **lowered,
         "int8 module": int8,
         "int4 g128 (stock)": on_stock(int4),
         "int4 g128": int4,
@@ -146,10 +161,9 @@ def markdown(rows: list[dict[str, object]], command: str) -> str:
         "",
         "Speed-up over `F.linear` on the same input (ratio of median CPU times in",
         "one process; > 1 = faster than float). Each cell is `vs fp32 / vs bf16`; inputs",
-        "are bfloat16 for the quantised paths. `int8 kernel` is the raw",
+        "are bfloat16 for the quantised paths. `int8 kernel` is torch's raw",
         "`_weight_int8pack_mm`; every other column is a runtime module's forward, i.e.",
-        "the path a served model takes (`int8 module` switches to a chunked",
-        "cast + bf16 matmul from 32 rows, where the raw kernel loses to float).",
+        "the path a served model takes (see below the table).",
         f"Machine: {describe_machine()}.",
         "",
         "Command:",

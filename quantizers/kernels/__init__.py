@@ -49,6 +49,7 @@ INT4_BLOCK = 64
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_held: dict[str, int] = {}  # "path": the int8 path int8_path() holds
 
 
 def cache_dir() -> Path:
@@ -172,17 +173,23 @@ def int8_path(name: str) -> Iterator[None]:
     before = int(torch.ops.quantserve.set_int8_path(INT8_PATHS.index(name))) if available() else -1
     if before < 0:
         raise ValueError(f"this CPU does not run the int8 kernel's {name} path")
+    _held["path"] = INT8_PATHS.index(name)
     try:
         yield
     finally:
         torch.ops.quantserve.set_int8_path(before)
+        _held["path"] = before
 
 
 def int8_kernel_rows() -> int:
     """Rows from which casting an int8 weight to bfloat16 for a bfloat16 matmul
-    beats the int8 kernel (bench/kernels_bench.py, SmolLM2's shapes): with AMX
-    the kernel leads to ~256 rows, on the vector paths (and torch's) to ~32."""
-    return 256 if int8_paths()[-1:] == ["amx"] else 32
+    beats the int8 kernel (bench/kernels_bench.py, SmolLM2's shapes): on the
+    AMX path the kernel leads to ~256 rows, on the vector paths (and torch's)
+    to ~32."""
+    if not available():
+        return 32
+    path = _held.get("path", int(torch.ops.quantserve.best_int8_path()))
+    return 256 if INT8_PATHS[path] == "amx" else 32
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
