@@ -201,4 +201,4 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
 
 def own_int4(packed: Tensor) -> bool:
     """Whether quantserve's int4 kernel can read this CPU-packed weight here."""
-    return packed.shape[0] % INT4_BLOCK == 0 and available() and isa() == "avx512-bf16"
+    return packed.shape[0] % INT4_BLOCK == 0 and "vnni" in int8_paths()

@@ -208,7 +208,8 @@ QS_VNNI void int8_vnni(const Int8Input& in, int64_t M, int64_t K, const int8_t* 
 constexpr int64_t kTileK = 64;   // k per A tile row (bytes)
 constexpr int64_t kTileN = 16;   // channels per A tile (rows)
 constexpr int64_t kTileM = 16;   // rows of x per B tile (columns of 4 bytes)
-constexpr int64_t kAmxMinRows = 4;
+constexpr int64_t kAmxMinRows = 4;   // int8: from here AMX beats VNNI
+constexpr int64_t kAmxMinRows4 = 8;  // int4 (its B tiles are unpacked per call)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -422,35 +423,85 @@ void int8_avx2(const Int8Input& in, int64_t M, int64_t K, const int8_t* w, const
 // torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): blocks of
 // 64 output channels; in a block, for each k, 32 bytes whose low nibble is
 // channel j's code and high nibble channel j + 32's. scales_and_zeros
-// [K / g, N, 2] holds (scale, offset): w = (q - 8) * scale + offset, so
-// sum_k x w = scale * sum_k x q + (offset - 8 scale) * sum_k x per group.
+// [K / g, N, 2] holds (scale, offset): w = (q - 8) * scale + offset.
+//
+// As for int8, each row of x becomes integer codes c (quantize_rows) and a
+// group's sums are exact: I = sum c (q - 8) and S = sum c. Per group and
+// channel, t = fma(scale, I, t) then t = fma(offset, S, t), in that order on
+// every path; the result is bf16(t * x_scale). AVX512-VNNI `vpdpwssd` takes
+// the nibbles as int16 pairs (k, k + 1) per channel; AMX `tdpbssd` takes them
+// as int8 B tiles built by interleaving four k's per channel. Both give the
+// same bits, so a row's result depends neither on its batch nor on the path.
 constexpr int64_t kBlock4 = 64;
 
-#ifdef QS_X86
-// With AVX512-BF16: a code q becomes the bf16 number 128 + q by OR-ing its
-// nibble into 0x4300's mantissa (exact), and `vdpbf16ps` multiplies two k's
-// at once in float32; sum_k x (128 + q) - 128 sum_k x is folded into the
-// group's offset term. The unpack interleaves k and k + 1 per channel, which
-// leaves the 64 channels of a block in lane order kLaneChannel.
-#define QS_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+// x's rows for one part: codes, per-group code sums, and for AMX the codes'
+// int8 halves (128 h + l) in rows padded to whole 16-row tiles.
+struct Int4Input {
+  Int8Input codes;
+  std::vector<int32_t> sums;  // [M, groups]
+  std::vector<int8_t> hi, lo;  // [tiles * 16, Kp], AMX only
+  int64_t groups = 0;
+};
 
-// Rows m0 .. m0 + MT - 1 of one 64-channel block, written to dst (bf16).
-// Compile-time MT keeps the accumulators in registers. Every row's sums run
-// in the same order whatever MT, so a row's result does not depend on M.
+Int4Input int4_input(const bf16* x, int64_t lda, int64_t M, int64_t K, int64_t gs, bool halves) {
+  Int4Input in;
+  in.codes = quantize_rows(x, lda, M, K);
+  in.groups = K / gs;
+  in.sums.assign(M * in.groups, 0);
+  const int64_t Kp = in.codes.Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* q = in.codes.q.data() + m * Kp;
+    for (int64_t k = 0; k < K; ++k) in.sums[m * in.groups + k / gs] += q[k];
+  }
+  if (halves) {
+    const int64_t rows = (M + 15) / 16 * 16;
+    in.hi.assign(rows * Kp, 0);
+    in.lo.assign(rows * Kp, 0);
+    for (int64_t i = 0; i < M * Kp; ++i) {
+      const int h = (in.codes.q[i] + 64) >> 7;
+      in.hi[i] = static_cast<int8_t>(h);
+      in.lo[i] = static_cast<int8_t>(in.codes.q[i] - 128 * h);
+    }
+  }
+  return in;
+}
+
+#ifdef QS_X86
+// The group's sums into the float totals of 16 channels (natural order):
+// t = fma(scale, I, t); t = fma(offset, S, t).
+QS_AVX512 inline __m512 int4_flush(__m512 total, __m512i sums, int32_t code_sum,
+                                   const bf16* sz) {
+  const __m512i pairs = _mm512_loadu_si512(sz);
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  const __m512 offset = _mm512_castsi512_ps(
+      _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m512i centred = _mm512_sub_epi32(sums, _mm512_set1_epi32(8 * code_sum));
+  total = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(centred), total);
+  return _mm512_fmadd_ps(offset, _mm512_set1_ps(static_cast<float>(code_sum)), total);
+}
+
+// bf16(total * x_scale) for 16 channels into dst.
+QS_AVX512 inline void int4_store(__m512 total, float x_scale, bf16* dst) {
+  alignas(64) float buf[16];
+  _mm512_store_ps(buf, _mm512_mul_ps(total, _mm512_set1_ps(x_scale)));
+  for (int l = 0; l < 16; ++l) dst[l] = bf16(buf[l]);
+}
+
+// Rows m0 .. m0 + MT - 1 of one 64-channel block on VNNI, written to dst.
+// The unpack interleaves k and k + 1 per channel, which leaves the block's
+// channels in lane order: accumulator c's halves hold 8 channels 16 apart.
 template <int MT>
-QS_AVX512BF16 void int4_block(const bf16* x, int64_t lda, const float* xsum, int64_t m0,
-                              int64_t K, const uint8_t* blk, int64_t gs, const bf16* sz,
-                              int64_t N, int64_t nb, bf16* dst, int64_t ldo) {
-  const int64_t groups = K / gs;
+QS_VNNI void int4_block(const Int4Input& in, int64_t m0, int64_t K, const uint8_t* blk,
+                        int64_t gs, const bf16* sz, int64_t N, int64_t nb, bf16* dst,
+                        int64_t ldo) {
   const __m512i nibble = _mm512_set1_epi16(15);
-  const __m512i bias_bits = _mm512_set1_epi16(0x4300);
   __m512 total[MT][4];
   for (int i = 0; i < MT; ++i)
     for (int c = 0; c < 4; ++c) total[i][c] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MT][4];
+  for (int64_t g = 0; g < in.groups; ++g) {
+    __m512i acc[MT][4];
     for (int i = 0; i < MT; ++i)
-      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_si512();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
       const uint8_t* row = blk + k * 32;
       if (m0 == 0 && (k & 3) == 0)
@@ -459,66 +510,138 @@ QS_AVX512BF16 void int4_block(const bf16* x, int64_t lda, const float* xsum, int
       const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
       const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, c1));
       const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, c1));
-      // (v & 15) | 0x4300 in one ternary-logic op: imm 0xEA = (A & B) | C.
-      __m512bh wv[4];
-      wv[0] = (__m512bh)_mm512_ternarylogic_epi32(lo, nibble, bias_bits, 0xEA);
-      wv[1] = (__m512bh)_mm512_ternarylogic_epi32(hi, nibble, bias_bits, 0xEA);
-      wv[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), nibble,
-                                                  bias_bits, 0xEA);
-      wv[3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(hi, 4), nibble,
-                                                  bias_bits, 0xEA);
+      const __m512i wq[4] = {_mm512_and_si512(lo, nibble), _mm512_and_si512(hi, nibble),
+                             _mm512_srli_epi16(lo, 4), _mm512_srli_epi16(hi, 4)};
       for (int i = 0; i < MT; ++i) {
-        uint32_t pair;
-        std::memcpy(&pair, x + (m0 + i) * lda + k, sizeof(pair));
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv[c], xv);
+        int32_t pair;
+        std::memcpy(&pair, in.codes.q.data() + (m0 + i) * in.codes.Kp + k, sizeof(pair));
+        const __m512i xv = _mm512_set1_epi32(pair);
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_dpwssd_epi32(acc[i][c], xv, wq[c]);
       }
     }
     for (int i = 0; i < MT; ++i) {
-      // Lane order -> channel order: each accumulator's halves hold 8
-      // channels 16 apart (unpack works within 128-bit lanes).
-      alignas(64) float natural[64];
+      alignas(64) int32_t natural[64];
       for (int c = 0; c < 4; ++c) {
-        const __m512 sum = acc[i][c];
         const int base = (c >> 1) * 32 + (c & 1) * 8;
-        _mm256_store_ps(natural + base, _mm512_castps512_ps256(sum));
-        _mm256_store_ps(natural + base + 16, _mm512_extractf32x8_ps(sum, 1));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(natural + base),
+                           _mm512_castsi512_si256(acc[i][c]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(natural + base + 16),
+                           _mm512_extracti64x4_epi64(acc[i][c], 1));
       }
-      const __m512 xs = _mm512_set1_ps(xsum[(m0 + i) * groups + g]);
-      for (int c = 0; c < 4; ++c) {
-        const __m512i pairs = _mm512_loadu_si512(sz + (g * N + nb + c * 16) * 2);
-        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-        const __m512 o = _mm512_castsi512_ps(
-            _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        const __m512 bias = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, o);
-        total[i][c] = _mm512_fmadd_ps(s, _mm512_load_ps(natural + c * 16), total[i][c]);
-        total[i][c] = _mm512_fmadd_ps(bias, xs, total[i][c]);
-      }
+      const int32_t code_sum = in.sums[(m0 + i) * in.groups + g];
+      for (int c = 0; c < 4; ++c)
+        total[i][c] = int4_flush(total[i][c], _mm512_load_si512(natural + 16 * c), code_sum,
+                                 sz + (g * N + nb + 16 * c) * 2);
     }
   }
   for (int i = 0; i < MT; ++i)
-    for (int c = 0; c < 4; ++c) {
-      alignas(64) float buf[16];
-      _mm512_store_ps(buf, total[i][c]);
-      for (int l = 0; l < 16; ++l) dst[(m0 + i) * ldo + c * 16 + l] = bf16(buf[l]);
-    }
+    for (int c = 0; c < 4; ++c)
+      int4_store(total[i][c], in.codes.scale[m0 + i], dst + (m0 + i) * ldo + 16 * c);
 }
 
-// One 64-channel block b of one packed part, every row, into dst (its
-// column 0 being the block's first channel).
-void int4_avx512bf16(const bf16* x, int64_t lda, const float* xsum, int64_t M, int64_t K,
-                     const uint8_t* w, int64_t gs, const bf16* sz, int64_t N, int64_t b,
-                     bf16* dst, int64_t ldo) {
+QS_VNNI void int4_vnni(const Int4Input& in, int64_t M, int64_t K, const uint8_t* w,
+                       int64_t gs, const bf16* sz, int64_t N, int64_t b, bf16* dst,
+                       int64_t ldo) {
   const uint8_t* blk = w + b * K * 32;
   const int64_t nb = b * kBlock4;
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) int4_block<4>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo);
+  for (; m0 + 4 <= M; m0 += 4) int4_block<4>(in, m0, K, blk, gs, sz, N, nb, dst, ldo);
   switch (M - m0) {
-    case 3: int4_block<3>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
-    case 2: int4_block<2>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
-    case 1: int4_block<1>(x, lda, xsum, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    case 3: int4_block<3>(in, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    case 2: int4_block<2>(in, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
+    case 1: int4_block<1>(in, m0, K, blk, gs, sz, N, nb, dst, ldo); break;
     default: break;
   }
+}
+
+// Two B tiles (16 channels x T k's each, 4 k's per channel in a 32-bit
+// column) for the block's low nibbles (channels 0-31) or high ones (32-63),
+// k0 .. k0 + T - 1.
+QS_AVX512 void int4_b_tiles(const uint8_t* blk, int64_t k0, int64_t T, bool high, int8_t* b0,
+                            int8_t* b1) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  for (int64_t j = 0; j < T / 4; ++j) {
+    __m256i r[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (k0 + 4 * j + i) * 32));
+      r[i] = _mm256_and_si256(high ? _mm256_srli_epi16(raw, 4) : raw, nibble);
+    }
+    // Per 128-bit lane (channels 0-15 | 16-31 of the half): k0,k1 then k2,k3
+    // interleaved by byte, then the pairs by 16 bits: 4 channels x 4 k's each.
+    const __m256i t0 = _mm256_unpacklo_epi8(r[0], r[1]), t1 = _mm256_unpackhi_epi8(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi8(r[2], r[3]), t3 = _mm256_unpackhi_epi8(r[2], r[3]);
+    const __m256i u0 = _mm256_unpacklo_epi16(t0, t2), u1 = _mm256_unpackhi_epi16(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi16(t1, t3), u3 = _mm256_unpackhi_epi16(t1, t3);
+    auto* d0 = reinterpret_cast<__m256i*>(b0 + j * 64);
+    auto* d1 = reinterpret_cast<__m256i*>(b1 + j * 64);
+    _mm256_store_si256(d0, _mm256_permute2x128_si256(u0, u1, 0x20));
+    _mm256_store_si256(d0 + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+    _mm256_store_si256(d1, _mm256_permute2x128_si256(u0, u1, 0x31));
+    _mm256_store_si256(d1 + 1, _mm256_permute2x128_si256(u2, u3, 0x31));
+  }
+}
+
+// One 64-channel block on AMX, every row: per half (32 channels) and 16-row
+// tile, tmm0-3 accumulate (h, l) x (channels 0-15, 16-31) over a group.
+QS_AMX void int4_amx(const Int4Input& in, int64_t M, int64_t K, const uint8_t* w, int64_t gs,
+                     const bf16* sz, int64_t N, int64_t b, bf16* dst, int64_t ldo) {
+  const uint8_t* blk = w + b * K * 32;
+  const int64_t nb = b * kBlock4;
+  const int64_t T = gs % 64 == 0 ? 64 : 32;
+  const int64_t Kp = in.codes.Kp;
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) config.rows[i] = 16;
+  for (int i = 0; i < 4; ++i) config.colsb[i] = 64;          // C: 16 rows x 16 channels
+  config.colsb[4] = config.colsb[5] = static_cast<uint16_t>(T);  // A: 16 rows x T k's
+  config.rows[6] = config.rows[7] = static_cast<uint8_t>(T / 4);  // B: T / 4 x 16 channels
+  config.colsb[6] = config.colsb[7] = 64;
+  _tile_loadconfig(&config);
+  alignas(64) int8_t btile[2][16 * 64];
+  alignas(64) int32_t sums[4][16 * 16];
+  for (int64_t t = 0; t * 16 < M; ++t) {
+    const int64_t mt = std::min<int64_t>(16, M - t * 16);
+    for (int half = 0; half < 2; ++half) {
+      __m512 total[16][2];
+      for (int64_t i = 0; i < 16; ++i) total[i][0] = total[i][1] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < in.groups; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += T) {
+          int4_b_tiles(blk, k, T, half == 1, btile[0], btile[1]);
+          _tile_loadd(4, in.hi.data() + t * 16 * Kp + k, Kp);
+          _tile_loadd(5, in.lo.data() + t * 16 * Kp + k, Kp);
+          _tile_loadd(6, btile[0], 64);
+          _tile_loadd(7, btile[1], 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 5, 6);
+          _tile_dpbssd(2, 4, 7);
+          _tile_dpbssd(3, 5, 7);
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+        for (int64_t i = 0; i < mt; ++i) {
+          const int32_t code_sum = in.sums[(t * 16 + i) * in.groups + g];
+          for (int c = 0; c < 2; ++c) {
+            const __m512i whole = _mm512_add_epi32(
+                _mm512_slli_epi32(_mm512_load_si512(sums[2 * c] + i * 16), 7),
+                _mm512_load_si512(sums[2 * c + 1] + i * 16));
+            total[i][c] = int4_flush(total[i][c], whole, code_sum,
+                                     sz + (g * N + nb + half * 32 + 16 * c) * 2);
+          }
+        }
+      }
+      for (int64_t i = 0; i < mt; ++i)
+        for (int c = 0; c < 2; ++c)
+          int4_store(total[i][c], in.codes.scale[t * 16 + i],
+                     dst + (t * 16 + i) * ldo + half * 32 + 16 * c);
+    }
+  }
+  _tile_release();
 }
 #endif
 
@@ -662,6 +785,8 @@ bool int8_runs(Int8Path path) {
   return path == Int8Path::scalar;
 }
 
+bool int4_runs() { return int8_runs(Int8Path::vnni); }
+
 Int8Path best_int8_path() {
   for (Int8Path path : {Int8Path::amx, Int8Path::vnni, Int8Path::avx2})
     if (int8_runs(path)) return path;
@@ -704,21 +829,17 @@ void int8_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const int8_t*
 
 void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, int count,
                  bf16* out, int64_t ldo, int64_t N) {
-  TORCH_CHECK(kIsa == Isa::avx512bf16, "quantserve's int4 kernel needs AVX512-BF16");
-  std::vector<std::vector<float>> xsums(count);
+  TORCH_CHECK(int4_runs(), "quantserve's int4 kernel needs AVX512-VNNI");
+#ifdef QS_X86
+  const auto path = static_cast<Int8Path>(int8_path.load());
+  std::vector<Int4Input> inputs;
+  std::vector<bool> amx(count);
   for (int p = 0; p < count; ++p) {
     const Int4Part& part = parts[p];
-    const int64_t groups = part.k / part.group_size;
-    xsums[p].assign(M * groups, 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        float s = 0.f;
-        const bf16* row = x + m * lda + part.offset + g * part.group_size;
-        for (int64_t k = 0; k < part.group_size; ++k) s += static_cast<float>(row[k]);
-        xsums[p][m * groups + g] = s;
-      }
+    // AMX's k steps are 64 or 32 (a group's whole multiple).
+    amx[p] = path == Int8Path::amx && M >= kAmxMinRows4 && part.group_size % 32 == 0;
+    inputs.push_back(int4_input(x + part.offset, lda, M, part.k, part.group_size, amx[p]));
   }
-#ifdef QS_X86
   // Each block's parts in one task: the first part's output in place, each
   // later one's rounded to bf16 and added (as the module adds its two outputs).
   at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
@@ -728,9 +849,9 @@ void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, i
       for (int p = 0; p < count; ++p) {
         const Int4Part& part = parts[p];
         const bool first = p == 0;
-        int4_avx512bf16(x + part.offset, lda, xsums[p].data(), M, part.k, part.packed,
-                        part.group_size, part.scales_and_zeros, N, b,
-                        first ? dst : later.data(), first ? ldo : kBlock4);
+        auto kernel = amx[p] ? int4_amx : int4_vnni;
+        kernel(inputs[p], M, part.k, part.packed, part.group_size, part.scales_and_zeros, N, b,
+               first ? dst : later.data(), first ? ldo : kBlock4);
         if (first) continue;
         for (int64_t m = 0; m < M; ++m)
           for (int64_t c = 0; c < kBlock4; ++c)

@@ -38,8 +38,8 @@ struct Int4Part {
 };
 
 // The sum of `count` parts' products (each rounded to bf16 before it is
-// added), in one pass over the output blocks; x bf16 with row stride lda.
-// Needs Isa::avx512bf16.
+// added), in one pass over the output blocks; x bf16 with row stride lda,
+// each part's columns quantised per row as int8_matmul's. Needs AVX512-VNNI.
 void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, int count,
                  bf16* out, int64_t ldo, int64_t N);
 

@@ -42,7 +42,7 @@ from server.engine.projections import Projection
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # A packed prefill's most tokens, by preference (int8's kernel computes rows on
-# their own up to kernels.int8_kernel_rows(): 256 with AMX, else 32; int4's to 32).
+# their own up to kernels.int8_kernel_rows(): 256 with AMX, else 32; int4's at any count).
 PACK_ROWS = (128, 31)
 
 

@@ -21,7 +21,7 @@ from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
 needs_int4 = pytest.mark.skipif(
-    not kernels.available() or kernels.isa() != "avx512-bf16", reason="CPU without AVX512-BF16"
+    "vnni" not in kernels.int8_paths(), reason="CPU without AVX512-VNNI"
 )
 
 
@@ -124,6 +124,24 @@ def test_int4_kernel_matches_dequantised_float(k: int, n: int, group_size: int, 
     assert relative_error(out, stock) < 0.01
     alone = torch.ops.quantserve.int4_linear(x[-1:].contiguous(), *args)
     assert torch.equal(alone[0], out[-1])
+
+
+@needs_int4
+@pytest.mark.parametrize(("k", "n", "group_size"), [(512, 960, 128), (576, 192, 64), (64, 64, 32)])
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 31])
+def test_every_int4_path_gives_the_same_bits(k: int, n: int, group_size: int, rows: int) -> None:
+    # exact integer group sums and one float order: AMX (from 4 rows) and VNNI
+    # agree to the bit, so a row's result does not depend on its batch size
+    module = Int4WeightOnlyLinear.from_float(nn.Linear(k, n, bias=False), group_size)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    args = (module.packed, group_size, module.scales_and_zeros)
+    outs = []
+    for path in ("vnni", *[p for p in kernels.int8_paths() if p == "amx"]):
+        with kernels.int8_path(path):
+            outs.append(torch.ops.quantserve.int4_linear(x, *args))
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    first = torch.ops.quantserve.int4_linear(x[:1].contiguous(), *args)
+    assert torch.equal(first[0], outs[0][0])
 
 
 @needs_kernels
