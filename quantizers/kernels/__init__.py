@@ -13,12 +13,13 @@ architecture (the Docker image builds it once, at image build time, into
 When no compiler is present, the build fails, or `QUANTSERVE_KERNELS=off`,
 `available()` is False after one logged warning and the runtime modules keep
 torch's stock kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
-The int4 kernel needs AVX512-BF16 (and weights in whole 64-channel blocks of
+The int4 kernel needs AVX512-VNNI (and weights in whole 64-channel blocks of
 torch's CPU packing); elsewhere int4 stays on torch's kernel.
 
-Both serve decode-sized inputs only (the runtime modules route prefill-sized
-ones elsewhere): every output channel's sum runs in the same order whatever
-the row count, so a sequence's logits do not depend on its batch.
+Both quantise activation rows to integer codes and sum products exactly, on
+whichever path the CPU and the row count pick (`int8_path` holds one, for
+tests and benchmarks): every path gives the same bits, so a sequence's logits
+do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def _runs(level: int) -> bool:
 
 @contextmanager
 def int8_path(name: str) -> Iterator[None]:
-    """Run the int8 kernel's `name` path inside the block (tests and benchmarks
+    """Run the int8 kernel's `name` path inside the block (the int4 kernel takes
+    its VNNI or AMX path alike; tests and benchmarks
     compare the paths; results are the same on every one)."""
     if name not in INT8_PATHS:
         raise ValueError(f"unknown int8 path {name!r}: one of {', '.join(INT8_PATHS)}")

@@ -396,7 +396,7 @@ Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t,
                     lin.scale.numel() == lin.out_features,
                 "int8 weight [N, K], scale [N]");
   } else if (kind == kInt4) {
-    TORCH_CHECK(isa() == Isa::avx512bf16, "the int4 kernel needs AVX512-BF16");
+    TORCH_CHECK(int4_runs(), "the int4 kernel needs AVX512-VNNI");
     TORCH_CHECK(meta.size() == 7, "int4 meta: ..., group_size, main_in, tail_in, padded_out");
     lin.group_size = meta[3];
     lin.main_in = meta[4];

@@ -785,8 +785,6 @@ bool int8_runs(Int8Path path) {
   return path == Int8Path::scalar;
 }
 
-bool int4_runs() { return int8_runs(Int8Path::vnni); }
-
 Int8Path best_int8_path() {
   for (Int8Path path : {Int8Path::amx, Int8Path::vnni, Int8Path::avx2})
     if (int8_runs(path)) return path;
@@ -797,6 +795,8 @@ Int8Path best_int8_path() {
 std::atomic<int64_t> int8_path{static_cast<int64_t>(best_int8_path())};
 
 }  // namespace
+
+bool int4_runs() { return int8_runs(Int8Path::vnni); }
 
 void int8_matmul(const bf16* x, int64_t lda, int64_t M, int64_t K, const int8_t* w,
                  const bf16* scale, bf16* out, int64_t ldo, int64_t N) {

@@ -37,6 +37,9 @@ struct Int4Part {
   int64_t offset, k, group_size;
 };
 
+// Whether this CPU runs int4_matmul (AVX512-VNNI).
+bool int4_runs();
+
 // The sum of `count` parts' products (each rounded to bf16 before it is
 // added), in one pass over the output blocks; x bf16 with row stride lda,
 // each part's columns quantised per row as int8_matmul's. Needs AVX512-VNNI.
