@@ -232,15 +232,29 @@ QS_AVX512 void attend_avx512(const bf16* q, int64_t hd, const bf16* k, const bf1
   }
 }
 
+// Row `j` of a paged cache (base + slots[j] * stride) as float32, 16 C
+// values; the row 8 keys ahead is fetched too: rows of a paged cache are
+// strided, which the hardware prefetcher follows poorly.
+template <int C>
+QS_AVX512 inline void cache_row(const bf16* base, int64_t stride,
+                                const std::vector<int64_t>& slots, int64_t j, __m512* out) {
+  constexpr int64_t ahead = 8;
+  if (j + ahead < static_cast<int64_t>(slots.size()))
+    for (int64_t b = 0; b < 32 * C; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(base + slots[j + ahead] * stride) + b,
+                   _MM_HINT_T0);
+  const bf16* row = base + slots[j] * stride;
+  for (int c = 0; c < C; ++c) out[c] = widen16(row + 16 * c);
+}
+
 // attend_avx512 for G query heads sharing one KV head, head_dim 16 C: each
-// key and value row is read and widened once for the G heads (and fetched
-// ahead: rows of a paged cache are strided, which the hardware prefetcher
-// follows poorly). Each head's arithmetic is attend_avx512's, in its order.
+// key and value row is read and widened once for the G heads. Each head's
+// arithmetic is attend_avx512's, in its order.
 template <int G, int C>
 QS_AVX512 void attend_group(const bf16* q, const bf16* k, const bf16* v, int64_t kv_stride,
                             const std::vector<int64_t>& slots, float scale, bf16* out,
                             std::vector<float>& scores) {
-  constexpr int64_t hd = 16 * C, ahead = 8;
+  constexpr int64_t hd = 16 * C;
   const int64_t n = static_cast<int64_t>(slots.size());
   scores.resize(G * n);
   __m512 qv[G][C], acc[G][C];
@@ -253,13 +267,8 @@ QS_AVX512 void attend_group(const bf16* q, const bf16* k, const bf16* v, int64_t
     }
   }
   for (int64_t j = 0; j < n; ++j) {
-    if (j + ahead < n)
-      for (int64_t b = 0; b < 2 * hd; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(k + slots[j + ahead] * kv_stride) + b,
-                     _MM_HINT_T0);
-    const bf16* kr = k + slots[j] * kv_stride;
     __m512 kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = widen16(kr + 16 * c);
+    cache_row<C>(k, kv_stride, slots, j, kv);
     for (int g = 0; g < G; ++g) {
       __m512 dot = _mm512_setzero_ps();
       for (int c = 0; c < C; ++c) dot = _mm512_fmadd_ps(qv[g][c], kv[c], dot);
@@ -282,13 +291,8 @@ QS_AVX512 void attend_group(const bf16* q, const bf16* k, const bf16* v, int64_t
     inv[g] = 1.f / _mm512_reduce_add_ps(total);
   }
   for (int64_t j = 0; j < n; ++j) {
-    if (j + ahead < n)
-      for (int64_t b = 0; b < 2 * hd; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(v + slots[j + ahead] * kv_stride) + b,
-                     _MM_HINT_T0);
-    const bf16* vr = v + slots[j] * kv_stride;
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = widen16(vr + 16 * c);
+    cache_row<C>(v, kv_stride, slots, j, vv);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * n + j] * inv[g]);
       for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
