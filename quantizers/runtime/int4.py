@@ -4,10 +4,11 @@ Weights are asymmetric 4-bit codes with a (scale, zero point) per group of
 `group_size` input channels, packed in the layout of the int4 matmul kernel of
 the module's device (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm`
 on CUDA). On CPU, every input runs quantserve's own kernel, which reads that
-same packing (`quantizers/kernels`), where the CPU has AVX512-VNNI: it is
-faster than torch's at every row count measured (1.4-3.7x at 32-256 rows with
-AMX, bench/kernels_bench.py), and one kernel for every row count keeps a
-sequence's numbers independent of its batch and of packed prefill.
+same packing (`quantizers/kernels`), where the CPU has AVX512-VNNI: on
+SmolLM2's shapes it is as fast as torch's or faster at every row count
+measured (1.05-3.3x at 128 and 512 rows, bench/kernels_bench.py), and one
+kernel for every row count keeps a sequence's numbers independent of its
+batch and of packed prefill.
 The kernels need the input size to be a multiple of the group size.
 When it is not (SmolLM2's 576 with groups of 128), the whole groups are one
 packed matrix and the last, partial group a second one whose kernel group is
