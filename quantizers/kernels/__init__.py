@@ -51,6 +51,7 @@ INT4_BLOCK = 64
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 _held: dict[str, int] = {}  # "path": the int8 path int8_path() holds
+_paths: list[str] = []  # int8_paths(), found once (the CPU does not change)
 
 
 def cache_dir() -> Path:
@@ -154,8 +155,10 @@ def int8_paths() -> list[str]:
     """The int8 kernel's paths this CPU runs, the one used by default last."""
     if not available():
         return []
-    best = int(torch.ops.quantserve.best_int8_path())
-    return [name for level, name in enumerate(INT8_PATHS[: best + 1]) if _runs(level)]
+    if not _paths:
+        best = int(torch.ops.quantserve.best_int8_path())
+        _paths.extend(name for level, name in enumerate(INT8_PATHS[: best + 1]) if _runs(level))
+    return _paths
 
 
 def _runs(level: int) -> bool:
@@ -168,8 +171,8 @@ def _runs(level: int) -> bool:
 @contextmanager
 def int8_path(name: str) -> Iterator[None]:
     """Run the int8 kernel's `name` path inside the block (the int4 kernel takes
-    its VNNI or AMX path alike; tests and benchmarks
-    compare the paths; results are the same on every one)."""
+    its VNNI or AMX path alike); tests and benchmarks compare the paths, whose
+    results are the same."""
     if name not in INT8_PATHS:
         raise ValueError(f"unknown int8 path {name!r}: one of {', '.join(INT8_PATHS)}")
     before = int(torch.ops.quantserve.set_int8_path(INT8_PATHS.index(name))) if available() else -1
@@ -188,10 +191,11 @@ def int8_kernel_rows() -> int:
     beats the int8 kernel (bench/kernels_bench.py, SmolLM2's shapes): on the
     AMX path the kernel leads to ~256 rows, on the vector paths (and torch's)
     to ~32."""
-    if not available():
+    paths = int8_paths()
+    if not paths:
         return 32
-    path = _held.get("path", int(torch.ops.quantserve.best_int8_path()))
-    return 256 if INT8_PATHS[path] == "amx" else 32
+    held = _held.get("path")
+    return 256 if (paths[-1] if held is None else INT8_PATHS[held]) == "amx" else 32
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #ifdef __linux__
@@ -48,7 +49,6 @@ const Isa kIsa = detect_isa();
 
 // The int8 kernels by preference; int8_paths() says which this CPU runs.
 enum class Int8Path : int64_t { scalar = 0, avx2 = 1, vnni = 2, amx = 3 };
-
 
 // ---------------------------------------------------------------- int8
 // out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; w int8 [N, K] row-major.
@@ -201,7 +201,6 @@ QS_VNNI void int8_vnni(const Int8Input& in, int64_t M, int64_t K, const int8_t* 
     }
   }
 }
-
 
 // ---- AMX: x's codes as B tiles, the int8 weights as A tiles read in place.
 #define QS_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
@@ -449,10 +448,11 @@ Int4Input int4_input(const bf16* x, int64_t lda, int64_t M, int64_t K, int64_t g
   in.groups = K / gs;
   in.sums.assign(M * in.groups, 0);
   const int64_t Kp = in.codes.Kp;
-  for (int64_t m = 0; m < M; ++m) {
-    const int16_t* q = in.codes.q.data() + m * Kp;
-    for (int64_t k = 0; k < K; ++k) in.sums[m * in.groups + k / gs] += q[k];
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < in.groups; ++g) {
+      const int16_t* q = in.codes.q.data() + m * Kp + g * gs;
+      in.sums[m * in.groups + g] = std::accumulate(q, q + gs, int32_t{0});
+    }
   if (halves) {
     const int64_t rows = (M + 15) / 16 * 16;
     in.hi.assign(rows * Kp, 0);

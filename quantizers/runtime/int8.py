@@ -6,11 +6,12 @@ which reads the int8 weight directly (a quarter of the float32 bytes) and is
 2-7x faster than a bfloat16 matmul at one row. Its cost grows linearly with the
 rows, though: from `kernels.int8_kernel_rows()` rows on (256 with AMX, else 32;
 long prompts' prefill) casting the int8 weight to bfloat16 in row chunks for a
-bfloat16 matmul is faster (bench/kernels_bench.py), so that path is taken there. Both give the same
-result up to bfloat16 rounding. On CUDA the cast + matmul is always used, as in
-gpt-fast, where the compiled decode step may fuse the cast into the matmul's
-read (unmeasured here); whether torch's `_weight_int8pack_mm` has a faster
-CUDA kernel is timed by bench/gpu_check.py, which has not run on a GPU yet.
+bfloat16 matmul is faster (bench/kernels_bench.py), so that path is taken
+there. Both give the same result up to bfloat16 rounding. On CUDA the cast +
+matmul is always used, as in gpt-fast, where the compiled decode step may fuse
+the cast into the matmul's read (unmeasured here); whether torch's
+`_weight_int8pack_mm` has a faster CUDA kernel is timed by bench/gpu_check.py,
+which has not run on a GPU yet.
 """
 
 from __future__ import annotations

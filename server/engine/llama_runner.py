@@ -341,6 +341,7 @@ class LlamaRunner:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=span.mask, scale=self.scaling, enable_gqa=self.group > 1,
         ).transpose(1, 2).reshape(length, -1)
+
     @torch.inference_mode()
     def decode(
         self, cache: KVCache, token_ids: torch.Tensor, positions: list[int],
