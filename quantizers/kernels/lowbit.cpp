@@ -432,6 +432,7 @@ void int8_avx2(const Int8Input& in, int64_t M, int64_t K, const int8_t* w, const
 // as int8 B tiles built by interleaving four k's per channel. Both give the
 // same bits, so a row's result depends neither on its batch nor on the path.
 constexpr int64_t kBlock4 = 64;
+constexpr int64_t kAhead4 = 4096;  // bytes the VNNI int4 kernel prefetches ahead
 
 // x's rows for one part: codes, per-group code sums, and for AMX the codes'
 // int8 halves (128 h + l) in rows padded to whole 16-row tiles.
@@ -504,8 +505,10 @@ QS_VNNI void int4_block(const Int4Input& in, int64_t m0, int64_t K, const uint8_
       for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_si512();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
       const uint8_t* row = blk + k * 32;
-      if (m0 == 0 && (k & 3) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(row + 1024), _MM_HINT_T0);
+      // Every line 4 KiB ahead (64 k's of this block, or the next block's,
+      // which this thread takes next): at 1 KiB, every other line, decode
+      // steps read the weights well below the memory's rate.
+      if (m0 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead4), _MM_HINT_T0);
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
       const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
       const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, c1));
@@ -520,17 +523,16 @@ QS_VNNI void int4_block(const Int4Input& in, int64_t m0, int64_t K, const uint8_
       }
     }
     for (int i = 0; i < MT; ++i) {
-      alignas(64) int32_t natural[64];
-      for (int c = 0; c < 4; ++c) {
-        const int base = (c >> 1) * 32 + (c & 1) * 8;
-        _mm256_store_si256(reinterpret_cast<__m256i*>(natural + base),
-                           _mm512_castsi512_si256(acc[i][c]));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(natural + base + 16),
-                           _mm512_extracti64x4_epi64(acc[i][c], 1));
-      }
       const int32_t code_sum = in.sums[(m0 + i) * in.groups + g];
+      // Channels 16 c .. 16 c + 15 are the low or high 256-bit halves of an
+      // accumulator pair, joined in registers (through memory, the 512-bit
+      // reload of two 256-bit stores stalls on store forwarding).
+      const __m512i natural[4] = {_mm512_shuffle_i64x2(acc[i][0], acc[i][1], 0x44),
+                                  _mm512_shuffle_i64x2(acc[i][0], acc[i][1], 0xEE),
+                                  _mm512_shuffle_i64x2(acc[i][2], acc[i][3], 0x44),
+                                  _mm512_shuffle_i64x2(acc[i][2], acc[i][3], 0xEE)};
       for (int c = 0; c < 4; ++c)
-        total[i][c] = int4_flush(total[i][c], _mm512_load_si512(natural + 16 * c), code_sum,
+        total[i][c] = int4_flush(total[i][c], natural[c], code_sum,
                                  sz + (g * N + nb + 16 * c) * 2);
     }
   }
