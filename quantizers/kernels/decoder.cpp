@@ -63,7 +63,8 @@ struct Scratch {
   std::vector<bf16> padded, main;
 };
 
-void rms_norm(const bf16* x, int64_t B, int64_t H, const bf16* weight, float eps, bf16* out) {
+void rms_norm_scalar(const bf16* x, int64_t B, int64_t H, const bf16* weight, float eps,
+                     bf16* out) {
   for (int64_t b = 0; b < B; ++b) {
     const bf16* row = x + b * H;
     float sq = 0.f;
@@ -311,18 +312,107 @@ int group_width(int64_t hd) { return hd == 64 ? 4 : hd == 128 ? 2 : 0; }
 
 #endif
 
+// The elementwise steps between the matmuls, on 16 lanes where the CPU has
+// AVX-512: every lane rounds as the scalar loops do (the norm's sum of squares
+// runs in another order).
+inline bf16 gated_one(bf16 gate, bf16 up) {
+  return round_bf16(f(round_bf16(silu_one(gate))) * f(up));
+}
+
 #ifdef QS_X86
-// silu_one over 16 lanes at a time.
-QS_AVX512 void silu_avx512(const bf16* gate, int64_t n, float* out) {
+QS_AVX512 void rms_norm_avx512(const bf16* x, int64_t B, int64_t H, const bf16* weight,
+                               float eps, bf16* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const bf16* row = x + b * H;
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __m512 v = widen16(row + i);
+      sq = _mm512_fmadd_ps(v, v, sq);
+    }
+    const __m512 inv = _mm512_set1_ps(
+        1.f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(H) + eps));
+    for (int64_t i = 0; i < H; i += 16)
+      store16(out + b * H + i,
+              _mm512_mul_ps(round16(_mm512_mul_ps(widen16(row + i), inv)), widen16(weight + i)));
+  }
+}
+
+// Rotary embedding in place over `count` heads of hd = 32 j (a head's halves
+// are whole 16-lane chunks).
+QS_AVX512 void rotate_avx512(bf16* qk, int64_t count, int64_t hd, const bf16* cos,
+                             const bf16* sin) {
+  const int64_t chunks = hd / 16;
+  for (int64_t head = 0; head < count; ++head) {
+    bf16* x = qk + head * hd;
+    __m512 v[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) v[c] = widen16(x + 16 * c);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512 a = round16(_mm512_mul_ps(v[c], widen16(cos + 16 * c)));
+      const __m512 r = round16(_mm512_mul_ps(v[(c + chunks / 2) % chunks], widen16(sin + 16 * c)));
+      store16(x + 16 * c, _mm512_add_ps(a, r));
+    }
+  }
+}
+
+// out = bf16(bf16(silu(gate)) * up).
+QS_AVX512 void gated_avx512(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 g = widen16(gate + i);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    const __m512 act = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    store16(out + i, _mm512_mul_ps(act, widen16(up + i)));
   }
-  for (; i < n; ++i) out[i] = silu_one(gate[i]);
+  for (; i < n; ++i) out[i] = gated_one(gate[i], up[i]);
+}
+
+// x = bf16(x + y).
+QS_AVX512 void add_avx512(bf16* x, const bf16* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(x + i, _mm512_add_ps(widen16(x + i), widen16(y + i)));
+  for (; i < n; ++i) x[i] = round_bf16(f(x[i]) + f(y[i]));
 }
 #endif
+
+void rms_norm(const bf16* x, int64_t B, int64_t H, const bf16* weight, float eps, bf16* out) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512 && H % 16 == 0) return rms_norm_avx512(x, B, H, weight, eps, out);
+#endif
+  rms_norm_scalar(x, B, H, weight, eps, out);
+}
+
+// Rotary embedding in place: x = bf16(bf16(x cos) + bf16(rotate_half(x) sin)),
+// sin carrying rotate_half's sign.
+void rotate(bf16* qk, int64_t count, int64_t hd, const bf16* cos, const bf16* sin,
+            std::vector<bf16>& row) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512 && hd % 32 == 0 && hd / 16 <= kMaxChunks)
+    return rotate_avx512(qk, count, hd, cos, sin);
+#endif
+  const int64_t half = hd / 2;
+  row.assign(qk, qk + count * hd);
+  for (int64_t head = 0; head < count; ++head)
+    for (int64_t d = 0; d < hd; ++d) {
+      const int64_t i = head * hd + d;
+      const float a = f(round_bf16(f(row[i]) * f(cos[d])));
+      const float r = f(round_bf16(f(row[head * hd + (d + half) % hd]) * f(sin[d])));
+      qk[i] = round_bf16(a + r);
+    }
+}
+
+void gated(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512) return gated_avx512(gate, up, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = gated_one(gate[i], up[i]);
+}
+
+void add_rounded(bf16* x, const bf16* y, int64_t n) {
+#ifdef QS_X86
+  if (isa() >= Isa::avx512) return add_avx512(x, y, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(f(x[i]) + f(y[i]));
+}
 
 void attend(const bf16* q, int64_t hd, const bf16* k, const bf16* v, int64_t kv_stride,
             const std::vector<int64_t>& slots, float scale, bf16* out,
@@ -362,13 +452,6 @@ void attend_heads(const bf16* q, int64_t count, int64_t hd, const bf16* k, const
 #endif
   for (int64_t h = 0; h < count; ++h)
     attend(q + h * hd, hd, k, v, kv_stride, slots, scale, out + h * hd, scores);
-}
-
-void silu(const bf16* gate, int64_t n, float* out) {
-#ifdef QS_X86
-  if (isa() >= Isa::avx512) return silu_avx512(gate, n, out);
-#endif
-  for (int64_t i = 0; i < n; ++i) out[i] = silu_one(gate[i]);
 }
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t,
@@ -533,12 +616,10 @@ class LlamaDecoder : public torch::CustomClassHolder {
     const bf16* xin = x.contiguous().data_ptr<bf16>();
     std::copy(xin, xin + B * H, hidden.begin());
     Scratch scratch;
-    std::vector<bf16> qkv, attn(B * heads_ * hd), mlp, act, row(qk_width);
-    std::vector<float> gated;
+    std::vector<bf16> qkv, attn(B * heads_ * hd), mlp, act, row;
     bf16* kv_base = kv.data_ptr<bf16>();
     const bf16* cos = cos_.data_ptr<bf16>();
     const bf16* sin = sin_.data_ptr<bf16>();
-    const int64_t half = hd / 2;
     for (int64_t l = 0; l < L; ++l) {
       const Layer& layer = layers_[l];
       const Slot& qkv_slot = layer.slots[kQkv];
@@ -550,16 +631,7 @@ class LlamaDecoder : public torch::CustomClassHolder {
       bf16* v_layer = kv_base + (1 * L + l) * slots_per_layer * kv_width;
       for (int64_t b = 0; b < B; ++b) {
         bf16* qk = qkv.data() + b * qkv_slot.width;
-        const bf16* c = cos + pos[b] * hd;
-        const bf16* s = sin + pos[b] * hd;
-        std::copy(qk, qk + qk_width, row.begin());
-        for (int64_t head = 0; head < heads_ + kv_heads_; ++head)
-          for (int64_t d = 0; d < hd; ++d) {
-            const int64_t i = head * hd + d;
-            const float a = f(round_bf16(f(row[i]) * f(c[d])));
-            const float r = f(round_bf16(f(row[head * hd + (d + half) % hd]) * f(s[d])));
-            qk[i] = round_bf16(a + r);
-          }
+        rotate(qk, heads_ + kv_heads_, hd, cos + pos[b] * hd, sin + pos[b] * hd, row);
         const int64_t slot = keys[b].back();
         std::copy(qk + heads_ * hd, qk + qk_width, k_layer + slot * kv_width);
         std::copy(qk + qk_width, qk + qk_width + kv_width, v_layer + slot * kv_width);
@@ -579,22 +651,19 @@ class LlamaDecoder : public torch::CustomClassHolder {
         }
       });
       run_slot(layer.slots[kO], attn.data(), B, out.data(), scratch, rs);
-      for (int64_t i = 0; i < B * H; ++i) hidden[i] = round_bf16(f(hidden[i]) + f(out[i]));
+      add_rounded(hidden.data(), out.data(), B * H);
       rms_norm(hidden.data(), B, H, layer.post_norm.data_ptr<bf16>(), eps_, h.data());
       const Slot& gate_up = layer.slots[kGateUp];
       const int64_t inter = gate_up.width / 2;
       mlp.resize(B * gate_up.width);
       act.resize(B * inter);
       run_slot(gate_up, h.data(), B, mlp.data(), scratch, rs);
-      gated.resize(inter);
       for (int64_t b = 0; b < B; ++b) {
-        silu(mlp.data() + b * gate_up.width, inter, gated.data());
-        for (int64_t i = 0; i < inter; ++i)
-          act[b * inter + i] =
-              round_bf16(f(round_bf16(gated[i])) * f(mlp[b * gate_up.width + inter + i]));
+        const bf16* gate = mlp.data() + b * gate_up.width;
+        gated(gate, gate + inter, inter, act.data() + b * inter);
       }
       run_slot(layer.slots[kDown], act.data(), B, out.data(), scratch, rs);
-      for (int64_t i = 0; i < B * H; ++i) hidden[i] = round_bf16(f(hidden[i]) + f(out[i]));
+      add_rounded(hidden.data(), out.data(), B * H);
     }
     rms_norm(hidden.data(), B, H, final_norm_.data_ptr<bf16>(), eps_, h.data());
     std::vector<bf16> logits(B * head_.width);

@@ -483,9 +483,15 @@ QS_AVX512 inline __m512 int4_flush(__m512 total, __m512i sums, int32_t code_sum,
 
 // bf16(total * x_scale) for 16 channels into dst.
 QS_AVX512 inline void int4_store(__m512 total, float x_scale, bf16* dst) {
-  alignas(64) float buf[16];
-  _mm512_store_ps(buf, _mm512_mul_ps(total, _mm512_set1_ps(x_scale)));
-  for (int l = 0; l < 16; ++l) dst[l] = bf16(buf[l]);
+  store16(dst, _mm512_mul_ps(total, _mm512_set1_ps(x_scale)));
+}
+
+// The (scale, offset) pairs of channels nb .. nb + 63 in each of `groups`
+// groups: 4 lines per group.
+inline void prefetch_scales(const bf16* sz, int64_t groups, int64_t N, int64_t nb) {
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t l = 0; l < kBlock4 * 4; l += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(sz + (g * N + nb) * 2) + l, _MM_HINT_T0);
 }
 
 // Rows m0 .. m0 + MT - 1 of one 64-channel block on VNNI, written to dst.
@@ -499,6 +505,10 @@ QS_VNNI void int4_block(const Int4Input& in, int64_t m0, int64_t K, const uint8_
   __m512 total[MT][4];
   for (int i = 0; i < MT; ++i)
     for (int c = 0; c < 4; ++c) total[i][c] = _mm512_setzero_ps();
+  // The next block's scales, one group's 4 lines N channels apart: the
+  // hardware prefetcher does not follow that stride, and a group's flush
+  // would wait on them.
+  if (m0 == 0 && nb + kBlock4 < N) prefetch_scales(sz, in.groups, N, nb + kBlock4);
   for (int64_t g = 0; g < in.groups; ++g) {
     __m512i acc[MT][4];
     for (int i = 0; i < MT; ++i)
@@ -846,6 +856,15 @@ void int4_matmul(const bf16* x, int64_t lda, int64_t M, const Int4Part* parts, i
   // later one's rounded to bf16 and added (as the module adds its two outputs).
   at::parallel_for(0, N / kBlock4, 1, [&](int64_t b0, int64_t b1) {
     std::vector<bf16> later(count > 1 ? M * kBlock4 : 0);
+    // The first block's lines, which the kernel's own prefetches (for what
+    // comes next) never ask for.
+    for (int p = 0; p < count; ++p) {
+      const Int4Part& part = parts[p];
+      const auto* first = reinterpret_cast<const char*>(part.packed + b0 * part.k * 32);
+      for (int64_t l = 0; l < std::min(kAhead4, part.k * 32); l += 64)
+        _mm_prefetch(first + l, _MM_HINT_T0);
+      prefetch_scales(part.scales_and_zeros, part.k / part.group_size, N, b0 * kBlock4);
+    }
     for (int64_t b = b0; b < b1; ++b) {
       bf16* dst = out + b * kBlock4;
       for (int p = 0; p < count; ++p) {

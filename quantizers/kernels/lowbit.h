@@ -60,6 +60,23 @@ QS_AVX512 inline __m512 widen16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Each lane rounded to bf16 as c10::BFloat16's constructor rounds (to nearest
+// even, NaN to 0x7FC0), left in float32.
+QS_AVX512 inline __m512 round16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  up = _mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(up, nan, _mm512_set1_epi32(0x7FC00000)));
+}
+
+// bf16(v) for 16 lanes into p.
+QS_AVX512 inline void store16(bf16* p, __m512 v) {
+  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16(v)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+}
+
 // e^x to ~2e-7 relative error: x = n ln2 + r with |r| <= ln2 / 2, a degree-6
 // Taylor polynomial for e^r, scaled by 2^n.
 QS_AVX512 inline __m512 exp16(__m512 x) {
