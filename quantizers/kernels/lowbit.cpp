@@ -163,9 +163,10 @@ QS_VNNI void int8_vnni_block(const Int8Input& in, int64_t m0, int64_t K, const i
     const __mmask32 mask = K - k >= kStep8 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
     if (m0 == 0 && (k & 63) == 0) {
       // The rows two blocks ahead: more loads in flight than the hardware
-      // prefetcher keeps for four interleaved row streams.
+      // prefetcher keeps for four interleaved row streams. Into L2: into
+      // L1 the prefetches wait on its few fill buffers.
       for (int r = 0; r < kRows8; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 2 * kRows8 * K), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 2 * kRows8 * K), _MM_HINT_T1);
     }
     __m512i wv[kRows8];
     for (int r = 0; r < kRows8; ++r)
@@ -516,9 +517,10 @@ QS_VNNI void int4_block(const Int4Input& in, int64_t m0, int64_t K, const uint8_
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
       const uint8_t* row = blk + k * 32;
       // Every line 4 KiB ahead (64 k's of this block, or the next block's,
-      // which this thread takes next): at 1 KiB, every other line, decode
-      // steps read the weights well below the memory's rate.
-      if (m0 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead4), _MM_HINT_T0);
+      // which this thread takes next), into L2: at 1 KiB, every other line,
+      // or into L1 (whose few fill buffers the prefetches then wait on),
+      // decode steps read the weights well below the memory's rate.
+      if (m0 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kAhead4), _MM_HINT_T1);
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
       const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
       const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, c1));
