@@ -294,6 +294,10 @@ QS_AMX void int8_amx_pair(const Int8Input& in, const AmxInput& a, int64_t t, int
       src[half] = pad[half];
       stride[half] = kTileK;
     }
+    // The next pair's 32 rows at this k, into L2, on the m-tile that reads
+    // the weights from memory: tile loads alone keep few lines in flight.
+    for (int64_t r = n + 2 * kTileN; t == 0 && r < std::min(n + 4 * kTileN, N); ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k), _MM_HINT_T1);
     _tile_loadd(4, src[0], stride[0]);
     _tile_loadd(5, src[1], stride[1]);
     _tile_loadd(6, a.tile(a.hi, t, c), 64);
