@@ -234,16 +234,17 @@ QS_AVX512 void attend_avx512(const bf16* q, int64_t hd, const bf16* k, const bf1
 }
 
 // Row `j` of a paged cache (base + slots[j] * stride) as float32, 16 C
-// values; the row 8 keys ahead is fetched too: rows of a paged cache are
-// strided, which the hardware prefetcher follows poorly.
+// values; the row 32 keys ahead is fetched into L2 too: rows of a paged
+// cache are strided, which the hardware prefetcher follows poorly, and 8
+// keys ahead left batched steps waiting on them.
 template <int C>
 QS_AVX512 inline void cache_row(const bf16* base, int64_t stride,
                                 const std::vector<int64_t>& slots, int64_t j, __m512* out) {
-  constexpr int64_t ahead = 8;
+  constexpr int64_t ahead = 32;
   if (j + ahead < static_cast<int64_t>(slots.size()))
     for (int64_t b = 0; b < 32 * C; b += 64)
       _mm_prefetch(reinterpret_cast<const char*>(base + slots[j + ahead] * stride) + b,
-                   _MM_HINT_T0);
+                   _MM_HINT_T1);
   const bf16* row = base + slots[j] * stride;
   for (int c = 0; c < C; ++c) out[c] = widen16(row + 16 * c);
 }
