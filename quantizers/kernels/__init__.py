@@ -19,7 +19,9 @@ torch's CPU packing); elsewhere int4 stays on torch's kernel.
 Both quantise activation rows to integer codes and sum products exactly, on
 whichever path the CPU and the row count pick (`int8_path` holds one, for
 tests and benchmarks): every path gives the same bits, so a sequence's logits
-do not depend on its batch.
+do not depend on its batch. `QUANTSERVE_INT8_PATH` (`amx`, `vnni`, `avx2`,
+`scalar`) caps the paths a process takes, so that one CPU can run as one
+without AMX, say, would (benchmarks); below `vnni` int4 keeps torch's kernel.
 """
 
 from __future__ import annotations
@@ -119,8 +121,24 @@ def _load() -> bool:
         )
         return False
     _register_fakes()
-    log.info("quantserve CPU kernels loaded (%s path)", isa())
+    cap = _path_cap()
+    best = int(torch.ops.quantserve.best_int8_path())
+    if cap < best:
+        torch.ops.quantserve.set_int8_path(cap)
+    log.info("quantserve CPU kernels loaded (%s, int8 path %s)", isa(), INT8_PATHS[min(cap, best)])
     return True
+
+
+def _path_cap() -> int:
+    """The highest int8 path `QUANTSERVE_INT8_PATH` allows (all when unset)."""
+    name = os.environ.get("QUANTSERVE_INT8_PATH", "").strip().lower()
+    if not name:
+        return len(INT8_PATHS) - 1
+    if name not in INT8_PATHS:
+        raise ValueError(
+            f"QUANTSERVE_INT8_PATH={name!r}: one of {', '.join(INT8_PATHS)}"
+        )
+    return INT8_PATHS.index(name)
 
 
 def _register_fakes() -> None:
@@ -156,7 +174,7 @@ def int8_paths() -> list[str]:
     if not available():
         return []
     if not _paths:
-        best = int(torch.ops.quantserve.best_int8_path())
+        best = min(int(torch.ops.quantserve.best_int8_path()), _path_cap())
         _paths.extend(name for level, name in enumerate(INT8_PATHS[: best + 1]) if _runs(level))
     return _paths
 

@@ -5,6 +5,10 @@ torch's kernels when the library cannot be built."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from quantizers.primitives import (
 )
 from quantizers.runtime import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
+REPO = Path(__file__).resolve().parents[2]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
 needs_int4 = pytest.mark.skipif(
     "vnni" not in kernels.int8_paths(), reason="CPU without AVX512-VNNI"
@@ -92,6 +97,41 @@ def test_an_unknown_int8_path_is_refused() -> None:
         pass
     assert torch.ops.quantserve.set_int8_path(len(kernels.INT8_PATHS)) == -1
     assert kernels.int8_paths()[-1] == kernels.INT8_PATHS[torch.ops.quantserve.best_int8_path()]
+
+
+# What a process capped by QUANTSERVE_INT8_PATH runs: its int8 paths' best,
+# the kernel's rows, the path the C++ kernels hold, whether int4 runs own.
+CAPPED = """
+import torch
+from quantizers import kernels
+assert kernels.available()
+held = int(torch.ops.quantserve.set_int8_path(0))
+torch.ops.quantserve.set_int8_path(held)
+packed = torch.zeros(64, 8, dtype=torch.uint8)
+print(kernels.int8_paths()[-1], kernels.int8_kernel_rows(), held, kernels.own_int4(packed))
+"""
+
+
+@needs_kernels
+def test_an_int8_path_cap_holds_the_whole_process_below_it() -> None:
+    if "avx2" not in kernels.int8_paths():
+        pytest.skip("CPU without AVX2")
+    env = {**os.environ, "QUANTSERVE_INT8_PATH": "avx2"}
+    run = subprocess.run(
+        [sys.executable, "-c", CAPPED], env=env, cwd=REPO, capture_output=True, text=True,
+        check=True, timeout=300,
+    )
+    best, rows, held, own_int4 = run.stdout.split()
+    assert (best, rows, held) == ("avx2", "32", str(kernels.INT8_PATHS.index("avx2")))
+    assert own_int4 == "False"  # int4's own kernel needs VNNI: torch's runs
+
+
+def test_an_unknown_int8_path_cap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANTSERVE_INT8_PATH", "fastest")
+    with pytest.raises(ValueError, match="one of scalar, avx2, vnni, amx"):
+        kernels._path_cap()
+    monkeypatch.setenv("QUANTSERVE_INT8_PATH", "VNNI")
+    assert kernels._path_cap() == kernels.INT8_PATHS.index("vnni")
 
 
 @needs_kernels
