@@ -6,7 +6,7 @@ the module's device (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm`
 on CUDA). On CPU, every input runs quantserve's own kernel, which reads that
 same packing (`quantizers/kernels`), where the CPU has AVX512-VNNI: on
 SmolLM2's shapes it is as fast as torch's or faster at every row count
-measured (1.05-3.3x at 128 and 512 rows, bench/kernels_bench.py), and one
+measured (1.7-4.2x at 128 and 512 rows, bench/kernels_bench.py), and one
 kernel for every row count keeps a sequence's numbers independent of its
 batch and of packed prefill.
 The kernels need the input size to be a multiple of the group size.
